@@ -1,0 +1,1 @@
+"""torchrl-ot: Optimal Transport Trust Region Policy Optimization (OT-TRPO) for TorchRL."""
