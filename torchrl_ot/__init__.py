@@ -1,1 +1,34 @@
 """torchrl-ot: Optimal Transport Trust Region Policy Optimization (OT-TRPO) for TorchRL."""
+
+from torchrl_ot import envs  # noqa: F401  (registers NChain-v0 with gymnasium)
+from torchrl_ot.costs import (
+    CallableCost,
+    DiscreteMetricCost,
+    EuclideanCost,
+    IndexDistanceCost,
+    L1Cost,
+    MatrixCost,
+    TransportCost,
+)
+from torchrl_ot.dual import DualSolver
+from torchrl_ot.functional import DualSolution, solve_dual, tabular_ot_update, transport_plan
+from torchrl_ot.loss import OTTrustRegionLoss
+from torchrl_ot.targets import MassSplittingTarget
+
+__all__ = [
+    "CallableCost",
+    "DiscreteMetricCost",
+    "DualSolution",
+    "DualSolver",
+    "EuclideanCost",
+    "IndexDistanceCost",
+    "L1Cost",
+    "MassSplittingTarget",
+    "MatrixCost",
+    "OTTrustRegionLoss",
+    "TransportCost",
+    "solve_dual",
+    "tabular_ot_update",
+    "transport_plan",
+]
+__version__ = "0.1.0"

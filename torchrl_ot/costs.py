@@ -91,7 +91,10 @@ class TransportCost(nn.Module):
         if not isinstance(num_actions, int) or num_actions < 1:
             raise ValueError(f"num_actions must be a positive int, got {num_actions!r}")
         idx = torch.arange(num_actions)
-        return self(idx[:, None], idx[None, :]).to(dtype)
+        return check_cost_values(self._matrix(idx, dtype), name=f"{type(self).__name__} matrix")
+
+    def _matrix(self, idx: Tensor, dtype: torch.dtype) -> Tensor:
+        return self._cost(idx[:, None], idx[None, :]).to(dtype)
 
 
 def _positive_power(p: float, name: str = "p") -> float:
@@ -179,6 +182,10 @@ class IndexDistanceCost(TransportCost):
     def _cost(self, a: Tensor, b: Tensor) -> Tensor:
         d = (_as_index(a, "a") - _as_index(b, "b")).abs().to(torch.get_default_dtype())
         return d.pow(self.p)
+
+    def _matrix(self, idx: Tensor, dtype: torch.dtype) -> Tensor:
+        # Power in the requested dtype: computing in float32 first would round sqrt(2) or 4999^2.
+        return (idx[:, None] - idx[None, :]).abs().to(dtype).pow(self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -182,8 +182,9 @@ def _envelope_two(advantage: Tensor, cost: Tensor) -> tuple[Tensor, list[_Step]]
     c0, c1 = cost.unbind(-1)
     da, dc = a1 - a0, c1 - c0
     low0 = ((da > 0) | ((da == 0) & (dc < 0))).long()
-    # The better line is the costlier one: the other overtakes it at lam = da / dc.
-    crosses = da * dc > 0
+    # The better line is the costlier one: the other overtakes it at lam = da / dc. Signs, not the
+    # product da * dc, decide it: the product under- or overflows for extreme magnitudes.
+    crosses = ((da > 0) & (dc > 0)) | ((da < 0) & (dc < 0))
     lam = torch.where(crosses, da / torch.where(crosses, dc, 1), float("inf"))
     drop = torch.where(crosses, dc.abs(), 0)
     return low0, [_Step(None, lam, drop, 1 - low0)]
@@ -254,6 +255,14 @@ def _weighted_select(values: Tensor, weights: Tensor, need: Tensor) -> Tensor:
     return sorted_v[min(pos, sorted_v.numel() - 1)]
 
 
+def _overflow_error(dtype: torch.dtype) -> ValueError:
+    # Finite inputs whose differences overflow the dtype (|A| near its max): refuse, never NaN.
+    return ValueError(
+        f"advantage and cost are finite but the dual overflows {dtype}; rescale advantage "
+        "(e.g. normalise it) so that differences between candidates stay representable"
+    )
+
+
 def solve_dual(advantage: Tensor, cost: Tensor, weight: Tensor, epsilon: float | Tensor) -> DualSolution:
     """Solve the OT trust-region dual (eq. 12 / discrete-D) exactly.
 
@@ -284,6 +293,15 @@ def solve_dual(advantage: Tensor, cost: Tensor, weight: Tensor, epsilon: float |
     c_low0 = (weight * _pick(cost, low0)).sum(dtype=acc)
     excess = c_low0 - eps.to(acc)
 
+    # Feasibility from the data itself (not from summed cost drops, which round): G is unbounded
+    # below when even the cheapest candidates cost more than epsilon.
+    c_min = (weight * cost.amin(-1)).sum(dtype=acc)
+    if bool(c_min > eps.to(acc)):
+        raise ValueError(
+            f"infeasible trust region: the cheapest candidates of the samples cost {c_min.item():.6g} "
+            f"> epsilon = {eps.item():.6g}; include a zero-cost candidate (the sample's own action) "
+            "or raise epsilon"
+        )
     if bool(excess <= 0):
         lam = torch.zeros((), dtype=advantage.dtype, device=advantage.device)
         low = low0
@@ -300,14 +318,8 @@ def solve_dual(advantage: Tensor, cost: Tensor, weight: Tensor, epsilon: float |
             wdrops.append(wdrop[useful])
         lams = torch.cat(lams) if lams else advantage.new_empty(0)
         wdrops = torch.cat(wdrops) if wdrops else advantage.new_empty(0)
-        total = wdrops.sum(dtype=acc)
-        # Even the cheapest candidates cost more than epsilon: G is unbounded below.
-        if bool(total < excess) and bool(c_low0 - total > eps * (1 + 1e-12)):
-            raise ValueError(
-                "infeasible trust region: the cheapest candidates of the samples cost "
-                f"{(c_low0 - total).item():.6g} > epsilon = {eps.item():.6g}; "
-                "include a zero-cost candidate (the sample's own action) or raise epsilon"
-            )
+        if lams.numel() == 0:  # feasible, yet no crossing survived: it overflowed to inf
+            raise _overflow_error(advantage.dtype)
         lam = _weighted_select(lams, wdrops, excess).to(advantage.dtype)
         low = _piece_at(low0, steps, lam, right=True)
         high = _piece_at(low0, steps, lam, right=False)
@@ -322,6 +334,8 @@ def solve_dual(advantage: Tensor, cost: Tensor, weight: Tensor, epsilon: float |
     else:
         # lam* = 0: every maximiser is equally good, so move to the closest (least transport).
         split = torch.ones((), dtype=acc, device=advantage.device)
+    if not bool(torch.isfinite(lam) & torch.isfinite(dual_value)):
+        raise _overflow_error(advantage.dtype)
     dt = advantage.dtype
     return DualSolution(
         multiplier=lam,
@@ -413,8 +427,10 @@ def tabular_ot_update(policy: Tensor, advantage: Tensor, state_weight: Tensor, c
         split: ``True`` for the optimal mass-splitting update; ``False`` for the WPO rule.
 
     Returns:
-        ``(new_policy, solution)``. States with ``rho(s) = 0`` are outside the problem and keep
-        their policy (the surrogate and the constraint do not see them).
+        ``(new_policy, solution)``. States with ``rho(s) = 0`` enter neither the surrogate nor the
+        constraint, so any update there is optimal; they get the same lam*-regularised transport
+        maps as every other state (the limit of the problem as their weight goes to 0), which
+        keeps unvisited states improving with the rest instead of freezing them.
 
     >>> import torch
     >>> pi = torch.full((1, 2), 0.5, dtype=torch.float64)
@@ -430,5 +446,4 @@ def tabular_ot_update(policy: Tensor, advantage: Tensor, state_weight: Tensor, c
     solution = solve_dual(adv, c, w, epsilon)
     plan = transport_plan(solution, A, split=split).to(policy.dtype)
     new_policy = (policy.reshape(S * A, 1) * plan).reshape(S, A, A).sum(1)
-    new_policy = torch.where(state_weight[:, None] > 0, new_policy, policy)
     return new_policy, solution

@@ -1,0 +1,125 @@
+"""``DualSolver``: the exact dual (eq. 12 / discrete-D) as a TensorDict module."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+from tensordict.utils import NestedKey
+
+from torchrl_ot.functional import DualSolution, _check_epsilon, solve_dual
+
+__all__ = ["DualSolver", "KeyedModule"]
+
+
+class KeyedModule(TensorDictModuleBase):
+    """TensorDict module whose keys live in an ``_AcceptedKeys`` dataclass, as in TorchRL losses.
+
+    Subclasses define ``_AcceptedKeys`` and the ``_in_fields`` / ``_out_fields`` naming which of
+    its fields are read and written; :meth:`set_keys` renames them.
+    """
+
+    _AcceptedKeys: type
+    _in_fields: tuple[str, ...] = ()
+    _out_fields: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tensor_keys = self._AcceptedKeys()
+        self._sync_keys()
+
+    def _sync_keys(self) -> None:
+        self.in_keys = [getattr(self.tensor_keys, f) for f in self._in_fields]
+        self.out_keys = [getattr(self.tensor_keys, f) for f in self._out_fields]
+
+    def set_keys(self, **kwargs: NestedKey) -> KeyedModule:
+        """Rename keys, e.g. ``solver.set_keys(advantage="adv")``; unknown names are refused."""
+        valid = {f.name for f in dataclasses.fields(self._AcceptedKeys)}
+        for name in kwargs:
+            if name not in valid:
+                raise ValueError(f"{name!r} is not a key of {type(self).__name__}; valid keys: {sorted(valid)}")
+        self.tensor_keys = dataclasses.replace(self.tensor_keys, **kwargs)
+        self._sync_keys()
+        return self
+
+
+def write_solution(td: TensorDictBase, keys, solution: DualSolution, batch_shape: torch.Size) -> None:
+    """Write a :class:`DualSolution` into ``td``: scalars expanded over the batch (views, no copy)."""
+    for field in ("multiplier", "dual_value", "split", "transport"):
+        td.set(getattr(keys, field), getattr(solution, field).expand(batch_shape))
+
+
+class DualSolver(KeyedModule):
+    """Solve the OT trust-region dual exactly for the samples in a TensorDict.
+
+    Reads ``advantage`` ``[*B, K]``, ``cost`` ``[*B, K]`` and optionally ``weight`` ``[*B]``
+    (uniform ``1 / numel(B)`` if absent: the paper weights every visited state equally) and
+    writes lam* (``ot_multiplier``), G(lam*) (``ot_dual_value``), t* (``ot_split``), the
+    expected transport of the update (``ot_transport``), both expanded over the batch, and the
+    per-sample closest / farthest maximisers (``ot_low_index``, ``ot_high_index``). The batch may
+    have any number of dimensions; they are flattened into one set of samples.
+
+    Args:
+        epsilon: trust-region radius (> 0).
+
+    >>> import torch
+    >>> from tensordict import TensorDict
+    >>> td = TensorDict({"ot_advantage": torch.tensor([[0.0, 1.0], [0.0, 2.0]]),
+    ...                  "ot_cost": torch.tensor([[0.0, 1.0], [0.0, 1.0]])}, batch_size=[2])
+    >>> out = DualSolver(epsilon=0.25)(td)
+    >>> out["ot_multiplier"], out["ot_high_index"]
+    (tensor([2., 2.]), tensor([0, 1]))
+    """
+
+    @dataclass
+    class _AcceptedKeys:
+        """Configurable keys (change with :meth:`set_keys`).
+
+        Attributes:
+            advantage: input ``[*B, K]`` candidate advantages. Defaults to ``"ot_advantage"``.
+            cost: input ``[*B, K]`` transport costs. Defaults to ``"ot_cost"``.
+            weight: optional input ``[*B]`` sample masses. Defaults to ``"ot_weight"``.
+            multiplier, dual_value, split, transport, low_index, high_index: outputs.
+        """
+
+        advantage: NestedKey = "ot_advantage"
+        cost: NestedKey = "ot_cost"
+        weight: NestedKey = "ot_weight"
+        multiplier: NestedKey = "ot_multiplier"
+        dual_value: NestedKey = "ot_dual_value"
+        split: NestedKey = "ot_split"
+        transport: NestedKey = "ot_transport"
+        low_index: NestedKey = "ot_low_index"
+        high_index: NestedKey = "ot_high_index"
+
+    _in_fields = ("advantage", "cost")
+    _out_fields = ("multiplier", "dual_value", "split", "transport", "low_index", "high_index")
+
+    def __init__(self, *, epsilon: float) -> None:
+        super().__init__()
+        self.epsilon = float(_check_epsilon(epsilon, torch.float64, torch.device("cpu")))
+
+    def solve(self, td: TensorDictBase) -> DualSolution:
+        """Solve without writing anything: the :class:`DualSolution` for ``td``'s samples."""
+        keys = self.tensor_keys
+        adv = td.get(keys.advantage)
+        cost = td.get(keys.cost)
+        k = adv.shape[-1]
+        weight = td.get(keys.weight, None)
+        adv, cost = adv.reshape(-1, k), cost.reshape(-1, k)
+        if weight is None:
+            weight = torch.full(adv.shape[:1], 1.0 / max(adv.shape[0], 1), dtype=adv.dtype, device=adv.device)
+        else:
+            weight = weight.reshape(-1)
+        return solve_dual(adv, cost, weight, self.epsilon)
+
+    def forward(self, td: TensorDictBase) -> TensorDictBase:
+        solution = self.solve(td)
+        batch = td.get(self.tensor_keys.advantage).shape[:-1]
+        write_solution(td, self.tensor_keys, solution, batch)
+        td.set(self.tensor_keys.low_index, solution.low_index.reshape(batch))
+        td.set(self.tensor_keys.high_index, solution.high_index.reshape(batch))
+        return td

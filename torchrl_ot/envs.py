@@ -1,0 +1,72 @@
+"""Environments the paper uses that gymnasium no longer ships: NChain, registered as ``NChain-v0``.
+
+Importing :mod:`torchrl_ot` registers it, so ``gymnasium.make("NChain-v0")`` and TorchRL's
+``GymEnv("NChain-v0")`` work like any other id.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+from gymnasium import spaces
+
+__all__ = ["NChainEnv", "NCHAIN_ID"]
+
+NCHAIN_ID = "NChain-v0"
+
+
+class NChainEnv(gym.Env):
+    """The n-Chain of Strens (2000), with the dynamics of the former ``gym`` ``NChain-v0``.
+
+    States ``0..n-1``, two actions: 0 = forward, 1 = back. With probability ``slip`` the agent
+    takes the other action. Back gives ``small`` and returns to state 0; forward gives 0 and moves
+    on, except at the last state, where it gives ``large`` and stays. Episodes never terminate;
+    the registered id caps them at 1000 steps. ``P`` holds the transition table in gymnasium's
+    toy-text format (``P[s][a] = [(prob, next_state, reward, terminated), ...]``).
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, n: int = 5, slip: float = 0.2, small: float = 2.0, large: float = 10.0) -> None:
+        if n < 2:
+            raise ValueError(f"n must be at least 2, got {n}")
+        if not 0.0 <= slip <= 1.0:
+            raise ValueError(f"slip must lie in [0, 1], got {slip}")
+        self.n, self.slip, self.small, self.large = n, slip, float(small), float(large)
+        self.observation_space = spaces.Discrete(n)
+        self.action_space = spaces.Discrete(2)
+        self.state = 0
+        self.P = {s: {a: self._outcomes(s, a) for a in (0, 1)} for s in range(n)}
+
+    def _move(self, state: int, action: int) -> tuple[int, float]:
+        if action == 1:
+            return 0, self.small
+        if state < self.n - 1:
+            return state + 1, 0.0
+        return state, self.large
+
+    def _outcomes(self, state: int, action: int) -> list[tuple[float, int, float, bool]]:
+        kept = self._move(state, action)
+        slipped = self._move(state, 1 - action)
+        return [(1.0 - self.slip, *kept, False), (self.slip, *slipped, False)]
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.state = 0
+        return self.state, {}
+
+    def step(self, action):
+        action = int(action)
+        if action not in (0, 1):
+            raise ValueError(f"action must be 0 (forward) or 1 (back), got {action}")
+        if self.np_random.random() < self.slip:
+            action = 1 - action
+        self.state, reward = self._move(self.state, action)
+        return self.state, reward, False, False, {}
+
+
+def _register() -> None:
+    if NCHAIN_ID not in gym.registry:
+        gym.register(id=NCHAIN_ID, entry_point=NChainEnv, max_episode_steps=1000)
+
+
+_register()

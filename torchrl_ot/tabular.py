@@ -1,0 +1,255 @@
+"""Tabular OT-TRPO in TorchRL (Section 5, step 5.1: direct parametrisation, Corollary 3).
+
+The pieces a tabular recipe needs, for any gymnasium environment with ``Discrete`` observations
+and actions:
+
+* :func:`make_env`: a batch of synchronous gymnasium copies as one TorchRL env, with a step
+  counter (for discounted visitation) and episode returns.
+* :class:`TabularPolicy` / :func:`make_actor`: the direct parametrisation, a table of
+  probabilities behind a TorchRL ``ProbabilisticActor``.
+* :class:`TabularCritic`: advantages ``A(s, a) = Q(s, a) - sum_a pi(a|s) Q(s, a)`` by Monte-Carlo
+  returns or by batch TD(0) (Algorithm 1, step 3, method 1).
+* :func:`visitation_weights`: discounted state-visitation frequencies ``rho_pi`` (step 3).
+* :func:`audit_transport`: the trust-region audit ``sum_s rho(s) C(pi(.|s), pi_new(.|s))`` computed
+  by an exact OT solver (POT's network simplex), independent of the dual.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import ot
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModule
+from torch import Tensor, nn
+from torchrl.envs import Compose, EnvBase, GymWrapper, RewardSum, StepCounter, TransformedEnv
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+from torchrl.modules import OneHotCategorical, ProbabilisticActor
+
+import torchrl_ot.envs  # noqa: F401  (registers NChain-v0)
+
+__all__ = [
+    "make_env",
+    "TabularPolicy",
+    "make_actor",
+    "state_index",
+    "TabularCritic",
+    "visitation_weights",
+    "audit_transport",
+    "evaluate",
+]
+
+DEFAULT_EPISODE_LIMIT = 500
+
+
+def make_env(env_id: str, *, num_envs: int = 16, max_episode_steps: int | None = None,
+             seed: int | None = None) -> EnvBase:
+    """``num_envs`` synchronous copies of a discrete gymnasium env as one TorchRL env ``[num_envs]``.
+
+    Environments registered without a time limit (CliffWalking) get ``max_episode_steps`` (default
+    500) so that a poor policy cannot stall collection; a given value overrides the registry's.
+    """
+    try:
+        spec = gym.spec(env_id)
+    except gym.error.Error as err:
+        raise ValueError(f"env.name={env_id!r} is not a registered gymnasium id: {err}") from None
+    limit = max_episode_steps or spec.max_episode_steps or DEFAULT_EPISODE_LIMIT
+    vec = gym.make_vec(
+        env_id, num_envs=num_envs, vectorization_mode="sync", max_episode_steps=limit,
+        # TorchRL resets finished copies itself; gymnasium's autoreset would hide final states.
+        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.DISABLED},
+    )
+    if not isinstance(vec.single_observation_space, gym.spaces.Discrete) or not isinstance(
+        vec.single_action_space, gym.spaces.Discrete
+    ):
+        raise ValueError(
+            f"env.name={env_id!r} must have Discrete observations and actions for the tabular recipe, "
+            f"got {vec.single_observation_space} and {vec.single_action_space}"
+        )
+    env = TransformedEnv(GymWrapper(vec), Compose(StepCounter(), RewardSum()))
+    if seed is not None:
+        env.set_seed(seed)
+    return env
+
+
+def env_sizes(env: EnvBase) -> tuple[int, int]:
+    """(number of states, number of actions) of a tabular env made by :func:`make_env`."""
+    return env.observation_spec["observation"].shape[-1], env.action_spec.shape[-1]
+
+
+def state_index(observation: Tensor) -> Tensor:
+    """State indices from one-hot observations (TorchRL's encoding of ``Discrete``)."""
+    return observation.argmax(-1)
+
+
+class TabularPolicy(nn.Module):
+    """Direct parametrisation: ``pi(a|s) = probs[s, a]``, initialised uniform.
+
+    >>> import torch
+    >>> policy = TabularPolicy(3, 2)
+    >>> policy(torch.tensor([[0, 1, 0]]))
+    tensor([[0.5000, 0.5000]], dtype=torch.float64)
+    """
+
+    def __init__(self, num_states: int, num_actions: int) -> None:
+        super().__init__()
+        self.register_buffer("probs", torch.full((num_states, num_actions), 1.0 / num_actions,
+                                                 dtype=torch.float64))
+
+    def forward(self, observation: Tensor) -> Tensor:
+        return self.probs[state_index(observation)]
+
+
+def make_actor(policy: TabularPolicy, env: EnvBase) -> ProbabilisticActor:
+    """Wrap a :class:`TabularPolicy` as a TorchRL actor sampling one-hot actions."""
+    module = TensorDictModule(policy, in_keys=["observation"], out_keys=["probs"])
+    return ProbabilisticActor(module, in_keys=["probs"], distribution_class=OneHotCategorical,
+                              spec=env.action_spec)
+
+
+def _transitions(batch: TensorDictBase):
+    """Flatten a collected batch into (s, a, r, s', terminated) tensors."""
+    s = state_index(batch["observation"]).reshape(-1)
+    a = batch["action"].argmax(-1).reshape(-1)
+    r = batch["next", "reward"].reshape(-1).double()
+    s2 = state_index(batch["next", "observation"]).reshape(-1)
+    term = batch["next", "terminated"].reshape(-1)
+    return s, a, r, s2, term
+
+
+class TabularCritic:
+    """Action values of the current policy, and from them advantages for every (s, a).
+
+    Args:
+        num_states, num_actions: table sizes.
+        gamma: discount factor.
+        estimator: ``"td"``: batch TD(0) with expected-SARSA targets over every transition seen
+            so far, iterated ``sweeps`` times (it converges to the certainty-equivalence estimate;
+            expected-SARSA targets make old transitions valid for the new policy). ``"mc"``:
+            Monte-Carlo returns of the current batch (on-policy), bootstrapped with the current
+            table where a trajectory is cut by the time limit or the batch end.
+        sweeps: TD sweeps per update.
+
+    Pairs never seen keep their initial value 0.
+    """
+
+    def __init__(self, num_states: int, num_actions: int, *, gamma: float, estimator: str = "td",
+                 sweeps: int = 200) -> None:
+        if estimator not in ("td", "mc"):
+            raise ValueError(f"estimator must be 'td' or 'mc', got {estimator!r}")
+        if not 0.0 <= gamma < 1.0:
+            raise ValueError(f"gamma must lie in [0, 1), got {gamma}")
+        if sweeps < 1:
+            raise ValueError(f"sweeps must be a positive int, got {sweeps}")
+        self.S, self.A, self.gamma, self.estimator, self.sweeps = num_states, num_actions, gamma, estimator, sweeps
+        self.q = torch.zeros(num_states, num_actions, dtype=torch.float64)
+        # Sufficient statistics of the transitions seen: unique (s, a, s', terminated) with counts.
+        self._keys = torch.zeros(0, dtype=torch.long)
+        self._count = torch.zeros(0, dtype=torch.float64)
+        self._reward = torch.zeros(0, dtype=torch.float64)
+
+    def advantage(self, policy: Tensor) -> Tensor:
+        """``A(s, a) = Q(s, a) - V(s)`` with ``V(s) = sum_a pi(a|s) Q(s, a)``."""
+        return self.q - (policy * self.q).sum(-1, keepdim=True)
+
+    def update(self, batch: TensorDictBase, policy: Tensor) -> Tensor:
+        """Re-estimate Q for ``policy`` from a collected batch ``[num_envs, T]``; returns Q."""
+        if self.estimator == "td":
+            self._absorb(*_transitions(batch))
+            self._evaluate(policy)
+        else:
+            self._monte_carlo(batch, policy)
+        return self.q
+
+    def _absorb(self, s: Tensor, a: Tensor, r: Tensor, s2: Tensor, term: Tensor) -> None:
+        key = ((s * self.A + a) * self.S + s2) * 2 + term.long()
+        keys = torch.cat([self._keys, key])
+        counts = torch.cat([self._count, torch.ones_like(r)])
+        rewards = torch.cat([self._reward, r])
+        self._keys, inverse = torch.unique(keys, return_inverse=True)
+        self._count = torch.zeros(len(self._keys), dtype=torch.float64).index_add_(0, inverse, counts)
+        self._reward = torch.zeros(len(self._keys), dtype=torch.float64).index_add_(0, inverse, rewards)
+
+    def _evaluate(self, policy: Tensor) -> None:
+        term = (self._keys % 2).double()
+        s2 = (self._keys // 2) % self.S
+        sa = self._keys // (2 * self.S)
+        n_sa = torch.zeros(self.S * self.A, dtype=torch.float64).index_add_(0, sa, self._count)
+        seen = n_sa > 0
+        q = self.q.reshape(-1).clone()
+        continuing = self.gamma * self._count * (1 - term)
+        for _ in range(self.sweeps):
+            v = (policy * q.view(self.S, self.A)).sum(-1)
+            total = torch.zeros_like(q).index_add_(0, sa, self._reward + continuing * v[s2])
+            q = torch.where(seen, total / n_sa.clamp_min(1), q)
+        self.q = q.view(self.S, self.A)
+
+    def _monte_carlo(self, batch: TensorDictBase, policy: Tensor) -> None:
+        reward = batch["next", "reward"].squeeze(-1).double()
+        term = batch["next", "terminated"].squeeze(-1)
+        done = batch["next", "done"].squeeze(-1)
+        v = (policy * self.q).sum(-1)
+        # Bootstrap where a trajectory is cut without terminating: time limit, or batch end.
+        bootstrap = v[state_index(batch["next", "observation"])] * (~term).double()
+        ret = torch.zeros_like(reward)
+        running = bootstrap[:, -1]
+        for t in range(reward.shape[1] - 1, -1, -1):
+            running = torch.where(done[:, t], bootstrap[:, t], running)
+            running = reward[:, t] + self.gamma * running * torch.where(term[:, t], 0.0, 1.0)
+            ret[:, t] = running
+        s = state_index(batch["observation"]).reshape(-1)
+        a = batch["action"].argmax(-1).reshape(-1)
+        sa = s * self.A + a
+        n = torch.zeros(self.S * self.A, dtype=torch.float64).index_add_(0, sa, torch.ones_like(ret.reshape(-1)))
+        total = torch.zeros_like(n).index_add_(0, sa, ret.reshape(-1))
+        q = self.q.reshape(-1)
+        self.q = torch.where(n > 0, total / n.clamp_min(1), q).view(self.S, self.A)
+
+    def state_dict(self) -> dict:
+        return {"q": self.q, "keys": self._keys, "count": self._count, "reward": self._reward}
+
+
+def visitation_weights(batch: TensorDictBase, num_states: int, gamma: float) -> Tensor:
+    """Discounted state-visitation frequencies from a batch: ``rho(s) ∝ sum_t gamma^t 1[s_t = s]``.
+
+    ``t`` is the step within the episode (TorchRL's ``step_count``); the result sums to 1.
+    """
+    s = state_index(batch["observation"]).reshape(-1)
+    t = batch["step_count"].reshape(-1).double()
+    w = torch.zeros(num_states, dtype=torch.float64).index_add_(0, s, gamma ** t)
+    return w / w.sum()
+
+
+def audit_transport(policy: Tensor, new_policy: Tensor, state_weight: Tensor, cost: Tensor) -> float:
+    """``sum_s rho(s) C(pi(.|s), pi_new(.|s))`` with C the exact OT discrepancy (eq. 1).
+
+    Each state's OT problem is solved by POT's exact network simplex (``ot.emd2``), so the audit
+    shares no code with the dual solver it checks.
+    """
+    p, q = policy.double().numpy(), new_policy.double().numpy()
+    w, c = state_weight.double().numpy(), np.ascontiguousarray(cost.double().numpy())
+    total = 0.0
+    for s in np.flatnonzero((w > 0) & np.any(p != q, axis=1)):
+        # emd2 wants equal masses to rounding; renormalise each row.
+        a, b = p[s] / p[s].sum(), q[s] / q[s].sum()
+        total += w[s] * float(ot.emd2(a, b, c))
+    return total
+
+
+@torch.no_grad()
+def evaluate(env: EnvBase, actor: ProbabilisticActor, *, max_steps: int,
+             deterministic: bool = True) -> Tensor:
+    """Return of the first episode of each of ``env``'s copies (``[num_envs]``).
+
+    ``deterministic=True`` acts with the policy's mode (greedy action), as TorchRL's
+    ``ExplorationType.DETERMINISTIC`` does; ``False`` samples actions.
+    """
+    mode = ExplorationType.DETERMINISTIC if deterministic else ExplorationType.RANDOM
+    with set_exploration_type(mode):
+        rollout = env.rollout(max_steps, actor, break_when_any_done=False)
+    reward = rollout["next", "reward"].squeeze(-1).double()
+    done = rollout["next", "done"].squeeze(-1)
+    # Count rewards up to and including each copy's first done.
+    before_first = (done.long().cumsum(-1) - done.long()) == 0
+    return (reward * before_first).sum(-1)
