@@ -14,6 +14,7 @@ from torchrl_ot.dual import DualSolver
 from torchrl_ot.functional import DualSolution, solve_dual, tabular_ot_update, transport_plan
 from torchrl_ot.loss import OTTrustRegionLoss
 from torchrl_ot.targets import MassSplittingTarget
+from torchrl_ot.trpo import TRPOLoss
 
 __all__ = [
     "CallableCost",
@@ -26,6 +27,7 @@ __all__ = [
     "MassSplittingTarget",
     "MatrixCost",
     "OTTrustRegionLoss",
+    "TRPOLoss",
     "TransportCost",
     "solve_dual",
     "tabular_ot_update",
