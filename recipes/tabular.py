@@ -34,6 +34,7 @@ from torchrl_ot.tabular import (
     TabularPolicy,
     audit_transport,
     env_sizes,
+    episode_limit,
     evaluate,
     make_actor,
     make_env,
@@ -113,7 +114,7 @@ def main(cfg: DictConfig) -> dict:
     # --- final evaluation ------------------------------------------------------------------
     eval_env = make_env(cfg.env.name, num_envs=cfg.eval.episodes, max_episode_steps=cfg.env.max_episode_steps,
                         seed=cfg.seed + 10_000)
-    horizon = int(eval_env.base_env._env.envs[0].spec.max_episode_steps)
+    horizon = episode_limit(cfg.env.name, cfg.env.max_episode_steps)
     greedy = evaluate(eval_env, actor, max_steps=horizon, deterministic=True)
     sampled = evaluate(eval_env, actor, max_steps=horizon, deterministic=False)
     final = greedy if cfg.eval.deterministic else sampled

@@ -30,6 +30,7 @@ from torchrl.modules import OneHotCategorical, ProbabilisticActor
 import torchrl_ot.envs  # noqa: F401  (registers NChain-v0)
 
 __all__ = [
+    "episode_limit",
     "make_env",
     "TabularPolicy",
     "make_actor",
@@ -43,18 +44,24 @@ __all__ = [
 DEFAULT_EPISODE_LIMIT = 500
 
 
-def make_env(env_id: str, *, num_envs: int = 16, max_episode_steps: int | None = None,
-             seed: int | None = None) -> EnvBase:
-    """``num_envs`` synchronous copies of a discrete gymnasium env as one TorchRL env ``[num_envs]``.
+def episode_limit(env_id: str, max_episode_steps: int | None = None) -> int:
+    """The time limit :func:`make_env` applies: the given one, else the registry's, else 500.
 
-    Environments registered without a time limit (CliffWalking) get ``max_episode_steps`` (default
-    500) so that a poor policy cannot stall collection; a given value overrides the registry's.
+    Environments registered without a limit (CliffWalking) get one so that a poor policy cannot
+    stall collection or evaluation.
     """
     try:
         spec = gym.spec(env_id)
     except gym.error.Error as err:
         raise ValueError(f"env.name={env_id!r} is not a registered gymnasium id: {err}") from None
-    limit = max_episode_steps or spec.max_episode_steps or DEFAULT_EPISODE_LIMIT
+    return int(max_episode_steps or spec.max_episode_steps or DEFAULT_EPISODE_LIMIT)
+
+
+def make_env(env_id: str, *, num_envs: int = 16, max_episode_steps: int | None = None,
+             seed: int | None = None) -> EnvBase:
+    """``num_envs`` synchronous copies of a discrete gymnasium env as one TorchRL env ``[num_envs]``,
+    each capped at :func:`episode_limit` steps."""
+    limit = episode_limit(env_id, max_episode_steps)
     vec = gym.make_vec(
         env_id, num_envs=num_envs, vectorization_mode="sync", max_episode_steps=limit,
         # TorchRL resets finished copies itself; gymnasium's autoreset would hide final states.
