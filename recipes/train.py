@@ -1,0 +1,509 @@
+"""Deep OT-TRPO (or the PPO baseline) on any gymnasium env with a flat Box observation space.
+
+OT-TRPO is :class:`torchrl_ot.OTTrustRegionLoss` (Algorithm 1, Section 5): per collected batch, GAE
+advantages, the exact lambda* of the dual (eq. 12) solved ONCE, then ``num_epochs`` x
+``num_minibatches`` Adam steps on that fixed lambda*. ``algo=ppo`` swaps in TorchRL's ``ClipPPOLoss``
+with everything else identical (collector, batch, epochs, minibatches, networks, optimiser). Reads
+top to bottom:
+
+    python recipes/train.py                                     # CartPole-v1, OT-TRPO
+    python recipes/train.py env=Pendulum-v1 algo=ppo seed=3
+    python recipes/train.py env.name=MountainCar-v0 total_frames=300000 algo.epsilon=0.05
+    python recipes/train.py env=Pendulum-v1 resume=true          # continue a killed run
+
+Writes into the run directory (``runs/train/<env>/<algo>/seed<seed>``): the TorchRL logger's
+scalars (CSV by default, ``logs/scalars/*.csv``), ``checkpoint.pt`` every ``checkpoint_every``
+frames, ``summary.json`` and ``curve.png`` (deterministic evaluation return against frames).
+
+Exact resume. The run is cut into *segments* at the checkpoint boundaries (multiples of
+``checkpoint_every`` frames). Every segment builds a FRESH env and collector, seeded with
+``seed + frames_done``; after its last update (and evaluation, if due) the collector is shut down
+and the checkpoint written: actor, critic, advantage head, optimiser, observation-normalisation
+statistics, frames, evaluation history, per-update diagnostics and the RNG states of torch, numpy
+and python. A resumed run restores all of that and enters the next segment exactly as the
+uninterrupted run does, through the same code with the same state; nothing carries over in an env
+or a collector, whose internal state could not be saved. So on CPU with ``num_collectors=1`` a run
+killed after a checkpoint and resumed with ``resume=true`` ends with the same final_return, frames
+and evaluation history, bit for bit, as the uninterrupted run (tests/test_recipe_train.py). The
+price: an episode in flight at a boundary is cut (GAE bootstraps it, as at any batch end), once per
+``checkpoint_every`` frames. With ``num_collectors > 1`` the workers share the normalisation
+statistics in shared memory and update them in a racy order: a resumed run is a faithful
+continuation, not a bit-identical one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import gymnasium as gym
+import hydra
+import matplotlib
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tensordict import TensorDict
+from tensordict.nn import AddStateIndependentNormalScale, TensorDictModule
+from torch import nn
+from torchrl.collectors import Collector
+from torchrl.data import ReplayBuffer, TensorStorage
+from torchrl.data.replay_buffers.samplers import SamplerWithoutReplacement
+from torchrl.data.tensor_specs import Categorical as CategoricalSpec
+from torchrl.data.tensor_specs import OneHot as OneHotSpec
+from torchrl.envs import (
+    ClipTransform,
+    Compose,
+    DoubleToFloat,
+    EnvCreator,
+    ExplorationType,
+    GymWrapper,
+    RewardSum,
+    StepCounter,
+    TransformedEnv,
+    VecNormV2,
+    set_exploration_type,
+)
+from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
+from torchrl.objectives import ClipPPOLoss
+from torchrl.objectives.utils import ValueEstimators
+from torchrl.record.loggers import get_logger
+from tqdm import tqdm
+
+import torchrl_ot  # noqa: F401  (registers NChain-v0)
+from torchrl_ot.costs import DiscreteMetricCost, EuclideanCost
+from torchrl_ot.loss import OTTrustRegionLoss
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+EVAL_SEED_OFFSET = 10_000
+# VecNormV2 calls batched envs "experimental"; with reduce_batch_dims=True it averages over the copies.
+warnings.filterwarnings("ignore", message="Support of VecNormV2 for containers")
+
+
+# ----------------------------------------------------------------------------------------------
+# environment
+
+
+def check_env_name(name: str) -> None:
+    """Refuse an unknown gymnasium id up front, suggesting close matches."""
+    if name not in gym.registry:
+        close = difflib.get_close_matches(name, list(gym.registry), n=5, cutoff=0.6)
+        hint = f"; did you mean one of {close}?" if close else ""
+        raise ValueError(f"unknown gymnasium environment env.name={name!r}{hint} "
+                         "(any id registered with gymnasium works, e.g. env.name=Acrobot-v1)")
+
+
+def make_env(name: str, seed: int, obs_stats: TensorDict | None, cfg: DictConfig, *, num_envs: int,
+             frozen: bool = False) -> TransformedEnv:
+    """``num_envs`` synchronous gymnasium copies as one TorchRL env ``[num_envs]``, float32 observations,
+    running normalisation, episode return/length; seeded (copy i gets ``seed + i``).
+
+    ``obs_stats`` (loc/var/count) is the single store of the normalisation statistics: the VecNormV2
+    transform updates it in place (``shared_data``), so the run loop checkpoints it and the next fresh
+    env continues from it. ``frozen``: normalise without updating the statistics (evaluation).
+    """
+    try:
+        vec = gym.make_vec(name, num_envs=num_envs, vectorization_mode="sync",
+                           # TorchRL resets finished copies itself; gymnasium's autoreset would hide final states.
+                           vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.DISABLED})
+    except (ModuleNotFoundError, gym.error.DependencyNotInstalled) as err:  # e.g. MuJoCo without imageio
+        raise ModuleNotFoundError(f"environment {name!r} needs a missing package: {err}. "
+                                  "MuJoCo envs need `pip install 'gymnasium[mujoco]'`.") from err
+    obs_space, act_space = vec.single_observation_space, vec.single_action_space
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        raise ValueError(f"env.name={name!r}: this recipe needs a flat Box observation space, got {obs_space}")
+    bounded_box = (isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1
+                   and np.isfinite(act_space.low).all() and np.isfinite(act_space.high).all())
+    if not (isinstance(act_space, gym.spaces.Discrete) or bounded_box):  # TanhNormal needs finite bounds
+        raise ValueError(f"env.name={name!r}: this recipe needs Discrete actions or a bounded flat Box, "
+                         f"got {act_space}")
+    base = GymWrapper(vec, categorical_action_encoding=True)
+    transforms = []
+    if base.observation_spec["observation"].dtype == torch.float64:
+        transforms.append(DoubleToFloat(in_keys=["observation"]))
+    if obs_stats is not None:
+        norm = VecNormV2(in_keys=["observation"], decay=cfg.obs_norm.decay, eps=cfg.obs_norm.eps,
+                         shared_data=obs_stats, reduce_batch_dims=True)
+        transforms += [norm.freeze() if frozen else norm,
+                       ClipTransform(in_keys=["observation"], low=-cfg.obs_norm.clip, high=cfg.obs_norm.clip)]
+    transforms += [RewardSum(), StepCounter()]
+    env = TransformedEnv(base, Compose(*transforms))
+    env.set_seed(seed)
+    return env
+
+
+def new_obs_stats(obs_dim: int) -> TensorDict:
+    """Zero statistics in VecNormV2's layout (it bias-corrects the running moments, so zeros are a clean start)."""
+    zeros = torch.zeros(obs_dim)
+    return TensorDict({"loc": {"observation": zeros.clone()}, "var": {"observation": zeros.clone()},
+                       "count": {"observation": torch.zeros((), dtype=torch.int64)}}, batch_size=[])
+
+
+# ----------------------------------------------------------------------------------------------
+# networks
+
+
+def mlp(in_features: int, out_features: int, cells, gain: float) -> MLP:
+    """Tanh MLP with orthogonal initialisation (as TorchRL's PPO example); ``gain`` scales the last layer."""
+    net = MLP(in_features=in_features, out_features=out_features, num_cells=list(cells),
+              activation_class=nn.Tanh)
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    for layer in linears:
+        nn.init.orthogonal_(layer.weight, math.sqrt(2))
+        nn.init.zeros_(layer.bias)
+    nn.init.orthogonal_(linears[-1].weight, gain)
+    return net
+
+
+class ObsActionMLP(nn.Module):
+    """A(s, a) for ``policy=sampled``: an MLP on the concatenated observation and action."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([observation, action], -1))
+
+
+def make_networks(env: TransformedEnv, cfg: DictConfig, policy: str):
+    """Actor (tanh-Gaussian or categorical), critic V(s) and, for OT-TRPO's categorical/sampled
+    policies, the advantage head (``A(s, .)`` per action, or ``A(s, a)``)."""
+    obs_dim = env.observation_spec["observation"].shape[-1]
+    action_spec = env.full_action_spec_unbatched
+    space = env.action_spec_unbatched
+    if isinstance(space, (CategoricalSpec, OneHotSpec)):
+        n_actions = space.space.n
+        logits = TensorDictModule(mlp(obs_dim, n_actions, cfg.num_cells, 0.01), ["observation"], ["logits"])
+        actor = ProbabilisticActor(logits, in_keys=["logits"], spec=action_spec,
+                                   distribution_class=torch.distributions.Categorical, return_log_prob=True,
+                                   default_interaction_type=ExplorationType.RANDOM)
+        act_dim = None
+    else:
+        act_dim = space.shape[-1]
+        loc = nn.Sequential(mlp(obs_dim, act_dim, cfg.num_cells, 0.01),
+                            AddStateIndependentNormalScale(act_dim, scale_lb=1e-4,
+                                                           init_value=math.log(cfg.algo.init_scale)))
+        actor = ProbabilisticActor(TensorDictModule(loc, ["observation"], ["loc", "scale"]), in_keys=["loc", "scale"],
+                                   spec=action_spec, distribution_class=TanhNormal,
+                                   distribution_kwargs={"low": space.space.low, "high": space.space.high,
+                                                        "tanh_loc": False},
+                                   return_log_prob=True, default_interaction_type=ExplorationType.RANDOM)
+    critic = ValueOperator(mlp(obs_dim, 1, cfg.num_cells, 1.0), in_keys=["observation"])
+    head = None
+    if policy == "categorical":
+        head = TensorDictModule(mlp(obs_dim, n_actions, cfg.num_cells, 1.0), ["observation"], ["action_advantage"])
+    elif policy == "sampled":
+        head = TensorDictModule(ObsActionMLP(mlp(obs_dim + act_dim, 1, cfg.num_cells, 1.0)),
+                                ["observation", "action"], ["action_advantage"])
+    return actor, critic, head
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation and checkpoints
+
+
+def evaluate(actor, cfg: DictConfig, obs_stats: TensorDict | None, horizon: int) -> list[float]:
+    """First-episode returns of ``eval_episodes`` copies of the env run side by side with the
+    deterministic policy, seeded ``seed + 10000`` every time (evaluations differ only through the
+    policy), normalised with frozen statistics. The torch RNG is forked, so evaluating never changes
+    what training does."""
+    # Before any training step the statistics are empty (count 0): let the evaluation's own copy warm up.
+    frozen = obs_stats is not None and bool(obs_stats["count", "observation"] > 0)
+    env = make_env(cfg.env.name, cfg.seed + EVAL_SEED_OFFSET, None if obs_stats is None else obs_stats.clone(),
+                   cfg, num_envs=cfg.eval_episodes, frozen=frozen)
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+        rollout = env.rollout(horizon, actor, break_when_any_done=False)  # finished copies are reset
+    env.close()
+    reward = rollout["next", "reward"].squeeze(-1).double()
+    done = rollout["next", "done"].squeeze(-1).long()
+    before_first = (done.cumsum(-1) - done) == 0  # rewards up to and including each copy's first done
+    return (reward * before_first).sum(-1).tolist()
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically (temporary file, then rename): a kill mid-write leaves the previous checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def truncate_csv_logs(log_dir: Path, frames: int) -> None:
+    """On resume, drop CSV rows logged after the checkpoint (the killed run's lost tail), so that each
+    step appears once."""
+    for csv_file in (log_dir / "scalars").glob("*.csv") if (log_dir / "scalars").is_dir() else []:
+        rows = [r for r in csv_file.read_text().splitlines() if r and float(r.split(",")[0]) <= frames]
+        csv_file.write_text("".join(r + "\n" for r in rows))
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@hydra.main(config_path="conf/train", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> dict:
+    # --- validate the configuration before building anything ----------------------------------
+    algo = cfg.algo.name
+    if algo == "ot_trpo" and not (cfg.algo.epsilon > 0 and math.isfinite(cfg.algo.epsilon)):
+        raise ValueError(f"algo.epsilon must be positive and finite, got {cfg.algo.epsilon}")
+    for key in ("total_frames", "frames_per_batch", "num_envs", "num_epochs", "num_minibatches", "eval_every",
+                "eval_episodes", "checkpoint_every", "num_collectors", "num_threads"):
+        if not (isinstance(cfg[key], int) and cfg[key] >= 1):
+            raise ValueError(f"{key} must be a positive integer, got {cfg[key]!r}")
+    if cfg.frames_per_batch % cfg.num_minibatches or cfg.frames_per_batch % (cfg.num_envs * cfg.num_collectors):
+        raise ValueError(f"frames_per_batch={cfg.frames_per_batch} must be divisible by num_minibatches="
+                         f"{cfg.num_minibatches} and by num_envs x num_collectors={cfg.num_envs * cfg.num_collectors}")
+    check_env_name(cfg.env.name)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    ckpt_path = run_dir / "checkpoint.pt"
+    torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    start = time.perf_counter()
+
+    # --- env specs, policy type, networks, loss ------------------------------------------------
+    probe = make_env(cfg.env.name, cfg.seed, None, cfg, num_envs=1)
+    discrete = isinstance(probe.action_spec_unbatched, (CategoricalSpec, OneHotSpec))
+    if cfg.env.get("discrete") is not None and bool(cfg.env.discrete) != discrete:
+        warnings.warn(f"env.discrete={cfg.env.discrete} (env group), but {cfg.env.name} has "
+                      f"{'discrete' if discrete else 'continuous'} actions: using the env's action space", stacklevel=1)
+    obs_dim = probe.observation_spec["observation"].shape[-1]
+    horizon = gym.spec(cfg.env.name).max_episode_steps or 1000
+    policy = "ppo"
+    if algo == "ot_trpo":
+        policy = cfg.algo.policy if cfg.algo.policy != "auto" else ("categorical" if discrete else "gaussian")
+    actor, critic, head = make_networks(probe, cfg, policy)
+    probe.close()
+
+    if algo == "ot_trpo":
+        if cfg.cost.get("_target_") is None:  # cost=auto
+            cost = DiscreteMetricCost() if discrete else EuclideanCost(p=2)
+        else:
+            cost = instantiate(cfg.cost)
+        loss_module = OTTrustRegionLoss(
+            actor, critic, cost=cost, epsilon=cfg.algo.epsilon, policy=policy, advantage_network=head,
+            num_candidates=cfg.algo.num_candidates, entropy_coeff=cfg.algo.entropy_coeff or None,
+            critic_coeff=cfg.algo.critic_coeff, loss_critic_type=cfg.algo.loss_critic_type)
+    elif algo == "ppo":
+        cost = None
+        loss_module = ClipPPOLoss(actor, critic, clip_epsilon=cfg.algo.clip_epsilon,
+                                  entropy_bonus=bool(cfg.algo.entropy_coeff), entropy_coeff=cfg.algo.entropy_coeff,
+                                  critic_coeff=cfg.algo.critic_coeff, loss_critic_type=cfg.algo.loss_critic_type,
+                                  normalize_advantage=cfg.algo.normalize_advantage)
+    else:
+        raise ValueError(f"unknown algo.name={algo!r}")
+    estimator_kwargs = {"gamma": cfg.env.gamma}
+    if cfg.estimator.lmbda is not None:
+        estimator_kwargs["lmbda"] = cfg.estimator.lmbda
+    loss_module.make_value_estimator(ValueEstimators[cfg.estimator.value_type], **estimator_kwargs)
+    optim = torch.optim.Adam(loss_module.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+    obs_stats = new_obs_stats(obs_dim) if cfg.obs_norm.enabled else None
+    if obs_stats is not None and cfg.num_collectors > 1:
+        obs_stats.share_memory_()  # the worker processes update these very tensors
+
+    fpb, mb_size = cfg.frames_per_batch, cfg.frames_per_batch // cfg.num_minibatches
+
+    # --- resume -----------------------------------------------------------------------------------
+    frames, train_time, wall_before, history, updates = 0, 0.0, 0.0, [], []
+    if cfg.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        saved = ckpt["config"]
+        if (saved["env"]["name"], saved["algo"]["name"], saved["frames_per_batch"]) != (cfg.env.name, algo, fpb):
+            raise ValueError(f"{ckpt_path} is a {saved['env']['name']}/{saved['algo']['name']} run with "
+                             f"frames_per_batch={saved['frames_per_batch']}; refusing to resume it as "
+                             f"{cfg.env.name}/{algo} with frames_per_batch={fpb}")
+        actor.load_state_dict(ckpt["actor"])
+        critic.load_state_dict(ckpt["critic"])
+        if head is not None:
+            head.load_state_dict(ckpt["advantage"])
+        optim.load_state_dict(ckpt["optimizer"])
+        if obs_stats is not None:
+            obs_stats.update_(ckpt["obs_stats"])
+        frames, train_time, history, updates = ckpt["frames"], ckpt["train_time"], ckpt["history"], ckpt["updates"]
+        wall_before = ckpt["wall_time_s"]  # wall time of the killed run up to its checkpoint
+        set_rng_state(ckpt["rng"])
+        if cfg.logger.backend == "csv":
+            truncate_csv_logs(run_dir / "logs", frames)
+        print(f"resumed from {ckpt_path} at {frames} frames")
+    elif cfg.resume:
+        print(f"resume=true but no checkpoint at {ckpt_path}: starting from scratch")
+
+    try:
+        logger = get_logger(cfg.logger.backend, logger_name=str(run_dir), experiment_name="logs",
+                            wandb_kwargs={"project": cfg.logger.project,
+                                          "config": OmegaConf.to_container(cfg, resolve=True)})
+    except ImportError as err:
+        raise ImportError(f"logger={cfg.logger.backend} needs its package: {err}; "
+                          f"pip install {cfg.logger.backend}, or use logger=csv") from err
+
+    def log_and_record_eval(frames_now: int) -> None:
+        returns = evaluate(actor, cfg, obs_stats, horizon)
+        history.append({"frames": frames_now, "return": statistics.fmean(returns),
+                        "return_std": statistics.pstdev(returns), "returns": returns})
+        logger.log_scalar("eval_return", history[-1]["return"], step=frames_now)
+
+    if not history:
+        log_and_record_eval(0)  # the untrained policy: the curve's first point
+
+    # --- training: segments between checkpoints, each with a fresh env + collector ------------
+    total_batches = math.ceil(cfg.total_frames / fpb)
+    total_frames = total_batches * fpb
+    total_steps = total_batches * cfg.num_epochs * cfg.num_minibatches
+    pbar = tqdm(total=total_frames, initial=frames, disable=not cfg.progress, desc=f"{algo} {cfg.env.name}")
+    while frames < total_frames:
+        seg_start = time.perf_counter()
+        seg_end = min(total_frames, (frames // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
+        seg_batches = math.ceil((seg_end - frames) / fpb)
+        segment_seed = cfg.seed + frames  # deterministic in (seed, frames done): see the module docstring
+        env_fns = [functools.partial(make_env, cfg.env.name, segment_seed + 1000 * i, obs_stats, cfg,
+                                     num_envs=cfg.num_envs)
+                   for i in range(cfg.num_collectors)]
+        if cfg.num_collectors > 1:  # EnvCreator hands the workers the shared-memory statistics (state_dict)
+            env_fns = [EnvCreator(fn) for fn in env_fns]
+        collector = Collector(env_fns if cfg.num_collectors > 1 else env_fns[0], actor, frames_per_batch=fpb,
+                              total_frames=seg_batches * fpb, auto_register_policy_transforms=False,
+                              **({"num_collectors": cfg.num_collectors, "sync": True}
+                                 if cfg.num_collectors > 1 else {}))
+        eval_time = 0.0
+        for batch in collector:
+            frames += batch.numel()
+            done = batch["next", "done"].squeeze(-1)
+            episode_returns = batch["next", "episode_reward"].squeeze(-1)[done]
+            if cfg.anneal_lr:
+                for group in optim.param_groups:
+                    group["lr"] = cfg.lr * (1 - len(updates) * cfg.num_epochs * cfg.num_minibatches / total_steps)
+
+            # Advantages once per batch (CleanRL style, for both losses); OT-TRPO then solves lambda* once.
+            with torch.no_grad():
+                loss_module.value_estimator(batch)
+            row = {"frames": frames, "train_return": episode_returns.mean().item() if done.any() else float("nan")}
+            if algo == "ot_trpo":
+                if cfg.algo.normalize_advantage:
+                    adv = batch["advantage"]
+                    batch["advantage"] = (adv - adv.mean()) / adv.std().clamp_min(1e-8)
+                sol = loss_module.solve_multiplier(batch)
+                row.update(multiplier=sol.multiplier.item(), transport_over_epsilon=sol.transport.item() /
+                           cfg.algo.epsilon)
+
+            # The minibatches: SamplerWithoutReplacement over the batch (each epoch one permutation of it).
+            rb = ReplayBuffer(storage=TensorStorage(batch.reshape(-1)), sampler=SamplerWithoutReplacement(),
+                              batch_size=mb_size)
+            sums: dict[str, float] = {}
+            for _ in range(cfg.num_epochs):
+                for _ in range(cfg.num_minibatches):
+                    out = loss_module(rb.sample())
+                    loss = sum(v for k, v in out.items() if k.startswith("loss_"))
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"non-finite loss {loss.item()} at {frames} frames")
+                    optim.zero_grad()
+                    loss.backward()
+                    grad_norm = nn.utils.clip_grad_norm_(loss_module.parameters(), cfg.max_grad_norm)
+                    optim.step()
+                    for k, v in out.items():
+                        sums[k] = sums.get(k, 0.0) + v.detach()
+                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
+            n_steps = cfg.num_epochs * cfg.num_minibatches
+            row.update({k: float(v) / n_steps for k, v in sums.items() if k in
+                        ("loss_objective", "loss_critic", "loss_entropy", "ot_active_fraction", "grad_norm",
+                         "clip_fraction", "kl_approx", "entropy")})
+            row["lr"] = optim.param_groups[0]["lr"]
+            updates.append(row)
+            if cfg.num_collectors > 1:
+                collector.update_policy_weights_()
+            for key, value in row.items():
+                if key != "frames" and not math.isnan(value):
+                    logger.log_scalar(key, value, step=frames)
+
+            if frames // cfg.eval_every > (frames - batch.numel()) // cfg.eval_every or frames >= total_frames:
+                t0 = time.perf_counter()
+                log_and_record_eval(frames)
+                eval_time += time.perf_counter() - t0
+            pbar.update(batch.numel())
+            pbar.set_postfix(ret=f"{row['train_return']:.1f}", eval=f"{history[-1]['return']:.1f}",
+                             **({"lam": f"{row['multiplier']:.3g}"} if algo == "ot_trpo" else {}))
+        collector.shutdown()
+        train_time += time.perf_counter() - seg_start - eval_time
+
+        save_checkpoint(ckpt_path, {
+            "actor": actor.state_dict(), "critic": critic.state_dict(),
+            "advantage": None if head is None else head.state_dict(), "optimizer": optim.state_dict(),
+            "obs_stats": None if obs_stats is None else obs_stats.clone(), "frames": frames,
+            "next_segment_seed": cfg.seed + frames, "train_time": train_time,
+            "wall_time_s": wall_before + time.perf_counter() - start, "history": history,
+            "updates": updates, "rng": rng_state(), "config": OmegaConf.to_container(cfg, resolve=True)})
+        if cfg.stop_after_frames is not None and frames >= cfg.stop_after_frames and frames < total_frames:
+            pbar.close()
+            print(f"stop_after_frames={cfg.stop_after_frames}: stopping after the checkpoint at {frames} frames, "
+                  f"as if killed; continue with resume=true")
+            sys.exit(0)
+    pbar.close()
+
+    # --- summary and learning curve ----------------------------------------------------------
+    final = history[-1]
+    ratios = [u["transport_over_epsilon"] for u in updates if "transport_over_epsilon" in u]
+    summary = {
+        "env": cfg.env.name,
+        "algo": algo,
+        "policy": policy,
+        "cost": HydraConfig.get().runtime.choices.get("cost") if algo == "ot_trpo" else None,
+        "cost_fn": None if cost is None else repr(cost),
+        "estimator": cfg.estimator.name,
+        "seed": cfg.seed,
+        "epsilon": float(cfg.algo.epsilon) if algo == "ot_trpo" else None,
+        "final_return": final["return"],
+        "final_return_std": final["return_std"],
+        "initial_return": history[0]["return"],
+        "best_return": max(h["return"] for h in history),
+        "eval_episodes": cfg.eval_episodes,
+        "frames": frames,
+        "updates": len(updates),
+        "wall_time_s": wall_before + time.perf_counter() - start,  # summed over a killed run and its resumption
+        "train_time_s": train_time,
+        "frames_per_s": frames / train_time,
+        "mean_transport_over_epsilon": statistics.fmean(ratios) if ratios else None,
+        "mean_multiplier": statistics.fmean(u["multiplier"] for u in updates) if ratios else None,
+        "resumed": bool(cfg.resume),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    x = [h["frames"] for h in history]
+    y = np.array([h["return"] for h in history])
+    s = np.array([h["return_std"] for h in history])
+    ax.plot(x, y, marker="o", ms=3, label=f"deterministic policy ({cfg.eval_episodes} episodes)")
+    ax.fill_between(x, y - s, y + s, alpha=0.2)
+    ax.set(xlabel="frames", ylabel="return", title=f"{algo} on {cfg.env.name} (seed {cfg.seed})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "curve.png", dpi=100)
+    plt.close(fig)
+
+    print(json.dumps(summary, indent=2))
+    print(f"run directory: {run_dir}  (summary.json, curve.png, checkpoint.pt, logs/)")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

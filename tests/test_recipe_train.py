@@ -1,0 +1,129 @@
+"""The deep recipe end to end, as a user runs it (a subprocess with Hydra overrides), on tiny budgets."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "train.py"
+# 4 batches of 256 frames (4 env copies x 64 steps), 2 epochs x 4 minibatches each, evaluations every 512.
+TINY = {"total_frames": 1024, "frames_per_batch": 256, "num_envs": 4, "num_epochs": 2, "num_minibatches": 4,
+        "eval_every": 512, "eval_episodes": 2, "checkpoint_every": 512}
+SUMMARY_KEYS = {"final_return", "final_return_std", "frames", "wall_time_s", "frames_per_s",
+                "mean_transport_over_epsilon", "env", "algo", "seed"}
+
+
+def _tiny(**changes):
+    return [f"{key}={value}" for key, value in {**TINY, **changes}.items()]
+
+
+def _cmd(*overrides):
+    return [sys.executable, str(RECIPE), "progress=false", *overrides]
+
+
+def _run(*overrides):
+    return subprocess.run(_cmd(*overrides), capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def _csv(path):
+    return [(float(step), float(value)) for step, value in csv.reader(open(path))]
+
+
+@pytest.mark.parametrize(("env", "algo", "policy"), [("Pendulum-v1", "ot_trpo", "gaussian"),
+                                                     ("CartPole-v1", "ot_trpo", "categorical"),
+                                                     ("Pendulum-v1", "ppo", "ppo")])
+def test_recipe_runs_and_writes_summary_plot_and_logs(tmp_path, env, algo, policy):
+    proc = _run(f"env={env}", f"algo={algo}", *_tiny(), "seed=1", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert (summary["env"], summary["algo"], summary["policy"], summary["seed"]) == (env, algo, policy, 1)
+    assert summary["frames"] == 1024 and summary["updates"] == 4
+    assert summary["frames_per_s"] > 0 and summary["wall_time_s"] > 0
+    if algo == "ot_trpo":
+        # lambda* > 0 makes the exact update move exactly epsilon; lambda* = 0 moves less.
+        assert 0 < summary["mean_transport_over_epsilon"] <= 1 + 1e-6
+    else:
+        assert summary["mean_transport_over_epsilon"] is None
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    assert (tmp_path / "checkpoint.pt").exists()
+    scalars = tmp_path / "logs" / "scalars"
+    evals = _csv(scalars / "eval_return.csv")
+    assert [step for step, _ in evals] == [0, 512, 1024]  # at the start, every eval_every, at the end
+    assert evals[-1][1] == pytest.approx(summary["final_return"])
+    assert len(_csv(scalars / "loss_objective.csv")) == 4  # one row per update
+    if algo == "ot_trpo":
+        assert all(v > 0 for _, v in _csv(scalars / "transport_over_epsilon.csv"))
+    assert "run directory" in proc.stdout and '"final_return"' in proc.stdout
+
+
+def _assert_same_run(a: Path, b: Path):
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    assert sb["frames"] == sa["frames"]
+    assert sb["final_return"] == sa["final_return"]  # bit for bit, not approximately
+    assert sb["final_return_std"] == sa["final_return_std"]
+    assert sb["mean_transport_over_epsilon"] == sa["mean_transport_over_epsilon"]
+    assert _csv(b / "logs" / "scalars" / "eval_return.csv") == _csv(a / "logs" / "scalars" / "eval_return.csv")
+
+
+def test_resume_after_stop_matches_uninterrupted_run(tmp_path):
+    common = ["env=Pendulum-v1", *_tiny(), "seed=3"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    proc = _run(*common, f"hydra.run.dir={a}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # stop_after_frames: exits right after the first checkpoint (512 of 1024 frames), as if killed there.
+    proc = _run(*common, "stop_after_frames=1", f"hydra.run.dir={b}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stop_after_frames" in proc.stdout
+    assert (b / "checkpoint.pt").exists() and not (b / "summary.json").exists()
+    proc = _run(*common, "resume=true", f"hydra.run.dir={b}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "at 512 frames" in proc.stdout
+    _assert_same_run(a, b)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    # A real kill (SIGKILL, no cleanup) as soon as the first checkpoint file appears.
+    common = ["env=CartPole-v1", *_tiny(total_frames=2048), "seed=4"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    proc = _run(*common, f"hydra.run.dir={a}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    child = subprocess.Popen(_cmd(*common, f"hydra.run.dir={b}"), cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (b / "checkpoint.pt").exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert (b / "checkpoint.pt").exists() and not (b / "summary.json").exists()
+    proc = _run(*common, "resume=true", f"hydra.run.dir={b}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout
+    _assert_same_run(a, b)
+
+
+def test_recipe_refuses_config_typo_listing_options(tmp_path):
+    proc = _run("algo=ot_trp", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0
+    assert "ot_trpo" in proc.stderr and "ppo" in proc.stderr
+
+
+def test_recipe_refuses_unknown_env(tmp_path):
+    proc = _run("env.name=CartPol-v1", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0
+    assert "unknown gymnasium environment" in proc.stderr and "CartPole-v1" in proc.stderr
+
+
+@pytest.mark.parametrize("epsilon", ["0", "-0.1"])
+def test_recipe_refuses_bad_epsilon(tmp_path, epsilon):
+    proc = _run(f"algo.epsilon={epsilon}", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0 and "epsilon" in proc.stderr
+    assert not (tmp_path / "checkpoint.pt").exists()
