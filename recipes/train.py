@@ -75,14 +75,17 @@ from torchrl.envs import (
     set_exploration_type,
 )
 from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
-from torchrl.objectives import ClipPPOLoss
+from torchrl.objectives import A2CLoss, ClipPPOLoss
 from torchrl.objectives.utils import ValueEstimators
 from torchrl.record.loggers import get_logger
 from tqdm import tqdm
 
 import torchrl_ot  # noqa: F401  (registers NChain-v0)
 from torchrl_ot.costs import DiscreteMetricCost, EuclideanCost
+from torchrl_ot.envs import OneHotObservation
 from torchrl_ot.loss import OTTrustRegionLoss
+from torchrl_ot.tabular import episode_limit
+from torchrl_ot.trpo import TRPOLoss
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -114,10 +117,20 @@ def make_env(name: str, seed: int, obs_stats: TensorDict | None, cfg: DictConfig
     transform updates it in place (``shared_data``), so the run loop checkpoints it and the next fresh
     env continues from it. ``frozen``: normalise without updating the statistics (evaluation).
     """
+    def make_vec(tabular: bool) -> gym.vector.VectorEnv:
+        return gym.make_vec(name, num_envs=num_envs, vectorization_mode="sync",
+                            wrappers=[OneHotObservation] if tabular else None,
+                            max_episode_steps=episode_limit(name) if tabular else None,
+                            # TorchRL resets finished copies itself; gymnasium's autoreset would hide final states.
+                            vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.DISABLED})
+
     try:
-        vec = gym.make_vec(name, num_envs=num_envs, vectorization_mode="sync",
-                           # TorchRL resets finished copies itself; gymnasium's autoreset would hide final states.
-                           vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.DISABLED})
+        vec = make_vec(tabular=False)
+        if isinstance(vec.single_observation_space, gym.spaces.Discrete):
+            # Tabular envs are seen as one-hot vectors (as the network baselines of the paper's discrete
+            # experiments), with the tabular recipe's time limit (CliffWalking has none).
+            vec.close()
+            vec = make_vec(tabular=True)
     except (ModuleNotFoundError, gym.error.DependencyNotInstalled) as err:  # e.g. MuJoCo without imageio
         raise ModuleNotFoundError(f"environment {name!r} needs a missing package: {err}. "
                                   "MuJoCo envs need `pip install 'gymnasium[mujoco]'`.") from err
@@ -265,15 +278,19 @@ def truncate_csv_logs(log_dir: Path, frames: int) -> None:
 def main(cfg: DictConfig) -> dict:
     # --- validate the configuration before building anything ----------------------------------
     algo = cfg.algo.name
-    if algo == "ot_trpo" and not (cfg.algo.epsilon > 0 and math.isfinite(cfg.algo.epsilon)):
+    # A2C is one gradient step on the whole batch: its algo config fixes num_epochs = num_minibatches = 1.
+    num_epochs = cfg.algo.get("num_epochs") or cfg.num_epochs
+    num_minibatches = cfg.algo.get("num_minibatches") or cfg.num_minibatches
+    ot_family = algo in ("ot_trpo", "wpo")  # wpo: the same loss with the no-splitting rule
+    if ot_family and not (cfg.algo.epsilon > 0 and math.isfinite(cfg.algo.epsilon)):
         raise ValueError(f"algo.epsilon must be positive and finite, got {cfg.algo.epsilon}")
     for key in ("total_frames", "frames_per_batch", "num_envs", "num_epochs", "num_minibatches", "eval_every",
                 "eval_episodes", "checkpoint_every", "num_collectors", "num_threads"):
         if not (isinstance(cfg[key], int) and cfg[key] >= 1):
             raise ValueError(f"{key} must be a positive integer, got {cfg[key]!r}")
-    if cfg.frames_per_batch % cfg.num_minibatches or cfg.frames_per_batch % (cfg.num_envs * cfg.num_collectors):
+    if cfg.frames_per_batch % num_minibatches or cfg.frames_per_batch % (cfg.num_envs * cfg.num_collectors):
         raise ValueError(f"frames_per_batch={cfg.frames_per_batch} must be divisible by num_minibatches="
-                         f"{cfg.num_minibatches} and by num_envs x num_collectors={cfg.num_envs * cfg.num_collectors}")
+                         f"{num_minibatches} and by num_envs x num_collectors={cfg.num_envs * cfg.num_collectors}")
     check_env_name(cfg.env.name)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     ckpt_path = run_dir / "checkpoint.pt"
@@ -290,21 +307,24 @@ def main(cfg: DictConfig) -> dict:
         warnings.warn(f"env.discrete={cfg.env.discrete} (env group), but {cfg.env.name} has "
                       f"{'discrete' if discrete else 'continuous'} actions: using the env's action space", stacklevel=1)
     obs_dim = probe.observation_spec["observation"].shape[-1]
-    horizon = gym.spec(cfg.env.name).max_episode_steps or 1000
-    policy = "ppo"
-    if algo == "ot_trpo":
+    horizon = episode_limit(cfg.env.name)
+    policy = algo  # the baselines: the actor as make_networks builds it
+    if algo == "wpo" and not discrete:
+        raise ValueError(f"algo=wpo is the discrete-action baseline; {cfg.env.name} has continuous actions")
+    if ot_family:
         policy = cfg.algo.policy if cfg.algo.policy != "auto" else ("categorical" if discrete else "gaussian")
     actor, critic, head = make_networks(probe, cfg, policy)
     probe.close()
 
-    if algo == "ot_trpo":
+    if ot_family:
         if cfg.cost.get("_target_") is None:  # cost=auto
             cost = DiscreteMetricCost() if discrete else EuclideanCost(p=2)
         else:
             cost = instantiate(cfg.cost)
         loss_module = OTTrustRegionLoss(
             actor, critic, cost=cost, epsilon=cfg.algo.epsilon, policy=policy, advantage_network=head,
-            num_candidates=cfg.algo.num_candidates, entropy_coeff=cfg.algo.entropy_coeff or None,
+            num_candidates=cfg.algo.num_candidates, split=algo == "ot_trpo",
+            entropy_coeff=cfg.algo.entropy_coeff or None,
             critic_coeff=cfg.algo.critic_coeff, loss_critic_type=cfg.algo.loss_critic_type)
     elif algo == "ppo":
         cost = None
@@ -312,6 +332,17 @@ def main(cfg: DictConfig) -> dict:
                                   entropy_bonus=bool(cfg.algo.entropy_coeff), entropy_coeff=cfg.algo.entropy_coeff,
                                   critic_coeff=cfg.algo.critic_coeff, loss_critic_type=cfg.algo.loss_critic_type,
                                   normalize_advantage=cfg.algo.normalize_advantage)
+    elif algo == "a2c":
+        cost = None
+        loss_module = A2CLoss(actor, critic, entropy_bonus=bool(cfg.algo.entropy_coeff),
+                              entropy_coeff=cfg.algo.entropy_coeff, critic_coeff=cfg.algo.critic_coeff,
+                              loss_critic_type=cfg.algo.loss_critic_type)
+    elif algo == "trpo":
+        cost = None
+        loss_module = TRPOLoss(actor, critic, max_kl=cfg.algo.max_kl, cg_iters=cfg.algo.cg_iters,
+                               cg_damping=cfg.algo.cg_damping, backtrack_iters=cfg.algo.backtrack_iters,
+                               backtrack_coeff=cfg.algo.backtrack_coeff, entropy_coeff=cfg.algo.entropy_coeff or None,
+                               critic_coeff=cfg.algo.critic_coeff, loss_critic_type=cfg.algo.loss_critic_type)
     else:
         raise ValueError(f"unknown algo.name={algo!r}")
     estimator_kwargs = {"gamma": cfg.env.gamma}
@@ -323,7 +354,17 @@ def main(cfg: DictConfig) -> dict:
     if obs_stats is not None and cfg.num_collectors > 1:
         obs_stats.share_memory_()  # the worker processes update these very tensors
 
-    fpb, mb_size = cfg.frames_per_batch, cfg.frames_per_batch // cfg.num_minibatches
+    fpb, mb_size = cfg.frames_per_batch, cfg.frames_per_batch // num_minibatches
+    # The paper's Gaussian case has a FIXED variance (step 4 case 2): the hinge objective trains only the
+    # mean. algo.final_scale optionally anneals that fixed scale linearly in frames (set, never learned),
+    # and epsilon with its square: the radius stays the same multiple of the noise's own transport.
+    log_scale = None
+    if policy == "gaussian" and cfg.algo.final_scale is not None:
+        log_scale = next(p for n, p in actor.named_parameters() if n.endswith("state_independent_scale"))
+
+    def scheduled_scale(frames_done: int) -> float:
+        frac = min(frames_done / cfg.total_frames, 1.0)
+        return cfg.algo.init_scale + frac * (cfg.algo.final_scale - cfg.algo.init_scale)
 
     # --- resume -----------------------------------------------------------------------------------
     frames, train_time, wall_before, history, updates = 0, 0.0, 0.0, [], []
@@ -370,7 +411,7 @@ def main(cfg: DictConfig) -> dict:
     # --- training: segments between checkpoints, each with a fresh env + collector ------------
     total_batches = math.ceil(cfg.total_frames / fpb)
     total_frames = total_batches * fpb
-    total_steps = total_batches * cfg.num_epochs * cfg.num_minibatches
+    total_steps = total_batches * num_epochs * num_minibatches
     pbar = tqdm(total=total_frames, initial=frames, disable=not cfg.progress, desc=f"{algo} {cfg.env.name}")
     while frames < total_frames:
         seg_start = time.perf_counter()
@@ -393,28 +434,38 @@ def main(cfg: DictConfig) -> dict:
             episode_returns = batch["next", "episode_reward"].squeeze(-1)[done]
             if cfg.anneal_lr:
                 for group in optim.param_groups:
-                    group["lr"] = cfg.lr * (1 - len(updates) * cfg.num_epochs * cfg.num_minibatches / total_steps)
+                    group["lr"] = cfg.lr * (1 - len(updates) * num_epochs * num_minibatches / total_steps)
 
             # Advantages once per batch (CleanRL style, for both losses); OT-TRPO then solves lambda* once.
             with torch.no_grad():
                 loss_module.value_estimator(batch)
             row = {"frames": frames, "train_return": episode_returns.mean().item() if done.any() else float("nan")}
-            if algo == "ot_trpo":
-                if cfg.algo.normalize_advantage:
-                    adv = batch["advantage"]
-                    batch["advantage"] = (adv - adv.mean()) / adv.std().clamp_min(1e-8)
+            if algo in ("ot_trpo", "trpo") and cfg.algo.normalize_advantage:  # batch-level, before the update
+                adv = batch["advantage"]
+                batch["advantage"] = (adv - adv.mean()) / adv.std().clamp_min(1e-8)
+            if algo == "trpo":  # the actor's step: natural gradient + line search on the whole batch
+                info = loss_module.actor_step(batch)
+                row.update(kl=float(info["kl"]), step_accepted=float(info["step_accepted"]))
+            if ot_family:
+                if log_scale is not None:  # epsilon for the scale that collected this batch
+                    behaviour_scale = log_scale.detach().exp().mean().item()
+                    loss_module.epsilon = cfg.algo.epsilon * (behaviour_scale / cfg.algo.init_scale) ** 2
+                    row["scale"] = behaviour_scale
                 sol = loss_module.solve_multiplier(batch)
-                row.update(multiplier=sol.multiplier.item(), transport_over_epsilon=sol.transport.item() /
-                           cfg.algo.epsilon)
+                # The update's own transport (WPO's no-split plan can exceed epsilon; OT-TRPO's cannot).
+                row.update(multiplier=sol.multiplier.item(), epsilon=loss_module.epsilon,
+                           transport_over_epsilon=batch["ot_transport"].double().mean().item() / loss_module.epsilon)
 
             # The minibatches: SamplerWithoutReplacement over the batch (each epoch one permutation of it).
             rb = ReplayBuffer(storage=TensorStorage(batch.reshape(-1)), sampler=SamplerWithoutReplacement(),
                               batch_size=mb_size)
             sums: dict[str, float] = {}
-            for _ in range(cfg.num_epochs):
-                for _ in range(cfg.num_minibatches):
+            for _ in range(num_epochs):
+                for _ in range(num_minibatches):
                     out = loss_module(rb.sample())
-                    loss = sum(v for k, v in out.items() if k.startswith("loss_"))
+                    # TRPO's actor moved in actor_step: its minibatches train the critic only.
+                    loss = sum(v for k, v in out.items() if k.startswith("loss_") and not
+                               (algo == "trpo" and k == "loss_objective"))
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"non-finite loss {loss.item()} at {frames} frames")
                     optim.zero_grad()
@@ -424,11 +475,14 @@ def main(cfg: DictConfig) -> dict:
                     for k, v in out.items():
                         sums[k] = sums.get(k, 0.0) + v.detach()
                     sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
-            n_steps = cfg.num_epochs * cfg.num_minibatches
+            n_steps = num_epochs * num_minibatches
             row.update({k: float(v) / n_steps for k, v in sums.items() if k in
                         ("loss_objective", "loss_critic", "loss_entropy", "ot_active_fraction", "grad_norm",
                          "clip_fraction", "kl_approx", "entropy")})
             row["lr"] = optim.param_groups[0]["lr"]
+            if log_scale is not None:  # the next batch is collected with the scheduled scale
+                with torch.no_grad():
+                    log_scale.fill_(math.log(scheduled_scale(frames)))
             updates.append(row)
             if cfg.num_collectors > 1:
                 collector.update_policy_weights_()
@@ -442,7 +496,7 @@ def main(cfg: DictConfig) -> dict:
                 eval_time += time.perf_counter() - t0
             pbar.update(batch.numel())
             pbar.set_postfix(ret=f"{row['train_return']:.1f}", eval=f"{history[-1]['return']:.1f}",
-                             **({"lam": f"{row['multiplier']:.3g}"} if algo == "ot_trpo" else {}))
+                             **({"lam": f"{row['multiplier']:.3g}"} if ot_family else {}))
         collector.shutdown()
         train_time += time.perf_counter() - seg_start - eval_time
 
@@ -467,11 +521,11 @@ def main(cfg: DictConfig) -> dict:
         "env": cfg.env.name,
         "algo": algo,
         "policy": policy,
-        "cost": HydraConfig.get().runtime.choices.get("cost") if algo == "ot_trpo" else None,
+        "cost": HydraConfig.get().runtime.choices.get("cost") if ot_family else None,
         "cost_fn": None if cost is None else repr(cost),
         "estimator": cfg.estimator.name,
         "seed": cfg.seed,
-        "epsilon": float(cfg.algo.epsilon) if algo == "ot_trpo" else None,
+        "epsilon": float(cfg.algo.epsilon) if ot_family else None,
         "final_return": final["return"],
         "final_return_std": final["return_std"],
         "initial_return": history[0]["return"],

@@ -492,3 +492,21 @@ def test_smoke_training_contextual_bandit_categorical():
     _train(loss, lambda lo: _bandit_batch(lo, obs, reward), iters=15, epochs=4, lr=0.1)
     after = expected_reward()
     assert after > before + 0.3, (before, after)
+
+
+def test_split_false_is_the_categorical_wpo_rule_only():
+    with pytest.raises(ValueError, match="split"):
+        _make_loss("gaussian", split=False)
+    loss = _make_loss("categorical", split=True)
+    split_sol = loss.solve_multiplier(_data("categorical"))
+    loss.split = False  # same networks, same data: only the rule differs
+    td = _data("categorical")
+    sol = loss.solve_multiplier(td)
+    assert float(sol.multiplier) == pytest.approx(float(split_sol.multiplier))
+    assert float(sol.multiplier) > 0 and float(split_sol.transport) == pytest.approx(0.01)  # binding
+    # The reported transport is that of WPO's own plan, recomputed here from the target it wrote.
+    old = loss._behaviour_dist(td).probs.double()
+    moved = (old - td["ot_target_probs"].double()).clamp_min(0).sum(-1).mean()  # 0/1 cost: total variation
+    assert float(td["ot_transport"][0]) == pytest.approx(float(moved), rel=1e-5)
+    # Here the closest maximiser is "stay" for every action: WPO does not move, the exact update moves epsilon.
+    assert float(moved) == 0.0

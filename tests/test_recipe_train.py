@@ -38,7 +38,10 @@ def _csv(path):
 
 @pytest.mark.parametrize(("env", "algo", "policy"), [("Pendulum-v1", "ot_trpo", "gaussian"),
                                                      ("CartPole-v1", "ot_trpo", "categorical"),
-                                                     ("Pendulum-v1", "ppo", "ppo")])
+                                                     ("Pendulum-v1", "ppo", "ppo"),
+                                                     ("Pendulum-v1", "a2c", "a2c"),
+                                                     ("CartPole-v1", "trpo", "trpo"),
+                                                     ("CartPole-v1", "wpo", "categorical")])
 def test_recipe_runs_and_writes_summary_plot_and_logs(tmp_path, env, algo, policy):
     proc = _run(f"env={env}", f"algo={algo}", *_tiny(), "seed=1", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -50,6 +53,8 @@ def test_recipe_runs_and_writes_summary_plot_and_logs(tmp_path, env, algo, polic
     if algo == "ot_trpo":
         # lambda* > 0 makes the exact update move exactly epsilon; lambda* = 0 moves less.
         assert 0 < summary["mean_transport_over_epsilon"] <= 1 + 1e-6
+    elif algo == "wpo":
+        assert summary["mean_transport_over_epsilon"] > 0  # no splitting: may exceed 1
     else:
         assert summary["mean_transport_over_epsilon"] is None
     assert (tmp_path / "curve.png").stat().st_size > 0
@@ -58,8 +63,10 @@ def test_recipe_runs_and_writes_summary_plot_and_logs(tmp_path, env, algo, polic
     evals = _csv(scalars / "eval_return.csv")
     assert [step for step, _ in evals] == [0, 512, 1024]  # at the start, every eval_every, at the end
     assert evals[-1][1] == pytest.approx(summary["final_return"])
-    assert len(_csv(scalars / "loss_objective.csv")) == 4  # one row per update
-    if algo == "ot_trpo":
+    assert len(_csv(scalars / "loss_critic.csv")) == 4  # one row per update
+    if algo == "trpo":
+        assert all(v <= 0.01 + 1e-6 for _, v in _csv(scalars / "kl.csv"))  # max_kl
+    if algo in ("ot_trpo", "wpo"):
         assert all(v > 0 for _, v in _csv(scalars / "transport_over_epsilon.csv"))
     assert "run directory" in proc.stdout and '"final_return"' in proc.stdout
 
@@ -127,3 +134,22 @@ def test_recipe_refuses_bad_epsilon(tmp_path, epsilon):
     proc = _run(f"algo.epsilon={epsilon}", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0 and "epsilon" in proc.stderr
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_tabular_env_runs_on_one_hot_observations(tmp_path):
+    proc = _run("env.name=CliffWalking-v1", "algo=ppo", *_tiny(), f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["env"] == "CliffWalking-v1" and summary["frames"] == 1024
+
+
+def test_scale_schedule_anneals_the_std_and_epsilon_with_it(tmp_path):
+    proc = _run("env=Pendulum-v1", *_tiny(), "algo.init_scale=1.0", "algo.final_scale=0.2", "algo.epsilon=0.3",
+                f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scalars = tmp_path / "logs" / "scalars"
+    scales = [v for _, v in _csv(scalars / "scale.csv")]
+    epsilons = [v for _, v in _csv(scalars / "epsilon.csv")]
+    # Batch k is collected with the scale set after batch k-1: 1 - 0.8 * frames / total_frames.
+    assert scales == pytest.approx([1.0, 0.8, 0.6, 0.4], rel=1e-5)
+    assert epsilons == pytest.approx([0.3 * s**2 for s in scales], rel=1e-5)

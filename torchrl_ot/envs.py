@@ -7,9 +7,10 @@ Importing :mod:`torchrl_ot` registers it, so ``gymnasium.make("NChain-v0")`` and
 from __future__ import annotations
 
 import gymnasium as gym
+import numpy as np
 from gymnasium import spaces
 
-__all__ = ["NChainEnv", "NCHAIN_ID"]
+__all__ = ["NChainEnv", "NCHAIN_ID", "OneHotObservation"]
 
 NCHAIN_ID = "NChain-v0"
 
@@ -70,3 +71,20 @@ def _register() -> None:
 
 
 _register()
+
+
+class OneHotObservation(gym.ObservationWrapper):
+    """``Discrete(n)`` observations as one-hot ``float32`` vectors ``Box(0, 1, (n,))``: how the network
+    recipes (``recipes/train.py``) and the network baselines see the tabular environments."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        if not isinstance(env.observation_space, spaces.Discrete):
+            raise ValueError(f"OneHotObservation needs a Discrete observation space, got {env.observation_space}")
+        self._n, self._start = int(env.observation_space.n), int(env.observation_space.start)
+        self.observation_space = spaces.Box(0.0, 1.0, (self._n,), dtype=np.float32)
+
+    def observation(self, observation) -> np.ndarray:
+        one_hot = np.zeros(self._n, dtype=np.float32)
+        one_hot[int(observation) - self._start] = 1.0
+        return one_hot

@@ -20,7 +20,14 @@ from torchrl.objectives.utils import (
 )
 
 from torchrl_ot.costs import TransportCost
-from torchrl_ot.functional import DualSolution, _check_epsilon, solve_dual, tabular_ot_update
+from torchrl_ot.functional import (
+    DualSolution,
+    _check_epsilon,
+    solve_dual,
+    tabular_ot_update,
+    tabular_problem,
+    transport_plan,
+)
 
 __all__ = ["OTTrustRegionLoss"]
 
@@ -77,6 +84,9 @@ class OTTrustRegionLoss(LossModule):
         cost: the :class:`~torchrl_ot.costs.TransportCost` ``c(a, a')``; epsilon: the radius (> 0).
         policy: ``"gaussian"``, ``"categorical"`` or ``"sampled"``; advantage_network: the advantage
             head (required for the last two); num_candidates: behaviour draws per state ("sampled").
+        split: True (default) splits mass at the boundary with t* (Corollary 3, the exact optimum); False is
+            the WPO rule (all of an action's mass to one maximiser), "categorical" only, kept as the
+            baseline: its update can leave the trust region.
         entropy_coeff: if set, adds ``loss_entropy = -entropy_coeff * entropy``.
         critic_coeff, loss_critic_type (``"l2"``, ``"l1"``, ``"smooth_l1"``), reduction (``"mean"``,
             ``"sum"``, ``"none"``), functional: as in TorchRL's A2C loss.
@@ -157,6 +167,7 @@ class OTTrustRegionLoss(LossModule):
         policy: str = "gaussian",
         advantage_network: TensorDictModule | None = None,
         num_candidates: int = 8,
+        split: bool = True,
         entropy_coeff: float | None = None,
         critic_coeff: float = 1.0,
         loss_critic_type: str = "l2",
@@ -174,6 +185,9 @@ class OTTrustRegionLoss(LossModule):
         if (advantage_network is None) == (policy != "gaussian"):
             raise ValueError(f"policy={policy!r} {'needs' if policy != 'gaussian' else 'takes no'} advantage_network "
                              "(it is the advantage head A(s, .) of Section 5, step 5 cases 2-3)")
+        if not isinstance(split, bool) or (not split and policy != "categorical"):
+            raise ValueError(f"split=False (the WPO rule) needs policy='categorical', got split={split!r}, "
+                             f"policy={policy!r}")
         if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
             raise ValueError(f"num_candidates must be a positive int, got {num_candidates!r}")
         for name, value, valid in (("loss_critic_type", loss_critic_type, ("l1", "l2", "smooth_l1")),
@@ -194,6 +208,7 @@ class OTTrustRegionLoss(LossModule):
         if not functional:
             self.target_critic_network_params = None  # read by the value estimator call, as in A2C
         self.cost, self.epsilon, self.policy, self.num_candidates = cost, epsilon, policy, num_candidates
+        self.split = split
         self.loss_critic_type, self.reduction = loss_critic_type, reduction
         device = _get_default_device(self)
         self.register_coeff_buffer("entropy_coeff", entropy_coeff, device=device)
@@ -326,8 +341,12 @@ class OTTrustRegionLoss(LossModule):
                 probs = old.probs.double()
                 head = self._head(flat, probs.to(dtype)).double()
                 matrix = self.cost.matrix(probs.shape[-1]).to(probs.device)
-                target, sol = tabular_ot_update(probs, head, weight, matrix, self.epsilon)
+                target, sol = tabular_ot_update(probs, head, weight, matrix, self.epsilon, split=self.split)
                 written[keys.target_probs] = target.to(dtype).reshape(*batch, -1)
+                if not self.split:  # WPO's own plan moves more than the split optimum: report what it moves
+                    _, c_flat, w_flat = tabular_problem(probs, head, weight, matrix)
+                    plan = transport_plan(sol, probs.shape[-1], split=False)
+                    realised = (w_flat * (plan * c_flat).sum(-1)).sum()
             else:
                 if self.policy == "gaussian":
                     # Candidates [a_b, m_old(s_b)]: advantages [A_b, 0], costs [c(m_old, a_b), 0].
@@ -346,9 +365,11 @@ class OTTrustRegionLoss(LossModule):
                     written[keys.candidates] = cands.reshape(*batch, *cands.shape[1:])
                     written[keys.candidate_advantage] = cand_adv.to(dtype).reshape(*batch, k)
                 sol = solve_dual(cand_adv, cost, weight, self.epsilon)
-        for field in ("multiplier", "split", "transport"):
+        fields = {"multiplier": sol.multiplier, "split": sol.split,
+                  "transport": sol.transport if self.split else realised}
+        for field, value in fields.items():
             # Real storage (not a stride-0 view), so that samplers and in-place transforms see plain data.
-            written[getattr(keys, field)] = getattr(sol, field).to(dtype).expand(batch).clone()
+            written[getattr(keys, field)] = value.to(dtype).expand(batch).clone()
         for key, value in written.items():
             tensordict.set(key, value)
         return sol
@@ -373,7 +394,6 @@ class OTTrustRegionLoss(LossModule):
                    "sampled": [keys.candidates, keys.candidate_advantage]}.get(self.policy, [])
         if any(td.get(k, None) is None for k in needed):
             self.solve_multiplier(td)
-        self._check_finite(td, [*self.in_keys, keys.value_target, *needed])
         batch, flat = td.shape, td.reshape(-1)
         dist = self._current_dist(flat)
         lam = flat.get(keys.multiplier).detach()
@@ -418,6 +438,12 @@ class OTTrustRegionLoss(LossModule):
             out["entropy"] = entropy.detach().mean()
         for name, loss in losses.items():
             out[name] = self._reduce_loss(loss.reshape(batch), td)
+        # One check (one sync) per step on the outputs instead of one per input key: every input that
+        # matters reaches a loss, so a NaN input shows up here; only then look for the culprit by name.
+        if not bool(torch.isfinite(torch.cat([out[name].detach().reshape(-1) for name in losses])).all()):
+            self._check_finite(td, [*self.in_keys, keys.value_target, *needed])
+            raise ValueError("OTTrustRegionLoss produced a non-finite loss from finite inputs (overflow?); "
+                             "refusing a NaN update")
         for name, key in (("multiplier", keys.multiplier), ("split", keys.split), ("transport", keys.transport)):
             out[f"ot_{name}"] = flat.get(key).detach().float().mean()
         out["ot_active_fraction"] = active.float().mean()

@@ -1,0 +1,157 @@
+"""OT-TRPO against PPO, A2C, TRPO and WPO in one harness: algorithms x environments x seeds.
+
+Every run is ``recipes/train.py`` with the same collector, networks, optimiser, batch size, frame
+budget and evaluation; only ``algo=`` differs (their configs: ``recipes/conf/train/algo/``). Tabular
+environments are seen as one-hot observations. ``wpo`` runs only where actions are discrete.
+Runs go ``--jobs`` at a time into ``--out/<env>/<algo>/seed<k>``; a finished run (``summary.json``)
+is reused and an interrupted one resumes from its checkpoint, so a killed benchmark continues
+where it stopped when the same command is run again.
+
+Outputs in ``--out``: ``runs.csv`` (tidy: algo, env, seed, frames, eval_return, wall_time_s; one
+row per evaluation), ``<env>.png`` (mean +/- std over seeds against frames, as the paper's Figure
+1) and ``table.md`` (final return mean +/- std, frames per second), also printed.
+
+    .venv/bin/python benchmarks/compare.py --envs Pendulum-v1 --algos ot_trpo ppo --seeds 3 --jobs 2
+    .venv/bin/python benchmarks/compare.py --ten-seeds                  # every env and algorithm, 10 seeds
+    .venv/bin/python benchmarks/compare.py --envs CartPole-v1 --frames 20000 total_frames=20000   # overrides last
+
+Not a test: it asserts nothing (tests/test_compare.py runs a smoke version).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import gymnasium as gym
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import torchrl_ot  # noqa: E402,F401  (registers NChain-v0)
+
+ALGOS = ["ot_trpo", "ppo", "a2c", "trpo", "wpo"]
+ENVS = ["Taxi-v4", "CliffWalking-v1", "NChain-v0", "FrozenLake-v1", "CartPole-v1", "Acrobot-v1", "Pendulum-v1",
+        "Swimmer-v5", "Hopper-v5", "HalfCheetah-v5"]
+# Envs with their own config (recipes/conf/train/env/); the others run with the default env group and env.name=.
+CONFIGURED = {p.stem for p in (ROOT / "recipes" / "conf" / "train" / "env").glob("*.yaml")}
+
+
+def discrete_actions(env: str) -> bool:
+    e = gym.make(env)
+    try:
+        return isinstance(e.action_space, gym.spaces.Discrete)
+    finally:
+        e.close()
+
+
+def run_one(env: str, algo: str, seed: int, out: Path, overrides: list[str]) -> Path:
+    run_dir = out / env / algo / f"seed{seed}"
+    if (run_dir / "summary.json").exists():
+        return run_dir
+    env_arg = f"env={env}" if env in CONFIGURED else f"env.name={env}"
+    cmd = [sys.executable, str(ROOT / "recipes" / "train.py"), env_arg, f"algo={algo}", f"seed={seed}",
+           "progress=false", f"hydra.run.dir={run_dir}", *overrides]
+    if (run_dir / "checkpoint.pt").exists():
+        cmd.append("resume=true")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+    if proc.returncode != 0:
+        raise RuntimeError(f"run failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return run_dir
+
+
+def read_run(run_dir: Path) -> tuple[dict, list[tuple[int, float]]]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    curve = [(int(float(step)), float(value)) for step, value in
+             csv.reader(open(run_dir / "logs" / "scalars" / "eval_return.csv"))]
+    return summary, curve
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--envs", nargs="+", default=ENVS)
+    parser.add_argument("--algos", nargs="+", default=ALGOS, choices=ALGOS)
+    parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
+    parser.add_argument("--ten-seeds", action="store_true", help="10 seeds, as the paper's Figure 1")
+    parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)), help="runs side by side")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (e.g. total_frames=50000)")
+    args = parser.parse_args()
+    seeds = range(10 if args.ten_seeds else args.seeds)
+    jobs = [(env, algo, seed) for env in args.envs for algo in args.algos for seed in seeds
+            if algo != "wpo" or discrete_actions(env)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        dirs = list(pool.map(lambda job: run_one(*job, args.out, args.overrides), jobs))
+
+    rows, results = [], {}
+    for (env, algo, seed), run_dir in zip(jobs, dirs, strict=True):
+        summary, curve = read_run(run_dir)
+        results.setdefault((env, algo), []).append((summary, curve))
+        rows += [{"algo": algo, "env": env, "seed": seed, "frames": frames, "eval_return": ret,
+                  "wall_time_s": summary["wall_time_s"]} for frames, ret in curve]
+    with open(args.out / "runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["algo", "env", "seed", "frames", "eval_return", "wall_time_s"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+    lines = ["| env | frames | " + " | ".join(args.algos) + " |", "|---|---|" + "---|" * len(args.algos)]
+    for env in args.envs:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        cells, frames = [], None
+        finals = {algo: [s["final_return"] for s, _ in results.get((env, algo), [])] for algo in args.algos}
+        best = max((mean_std(v)[0] for v in finals.values() if v), default=None)
+        for algo in args.algos:
+            runs = results.get((env, algo))
+            if not runs:
+                cells.append("n/a")
+                continue
+            frames = runs[0][0]["frames"]
+            m, s = mean_std(finals[algo])
+            fps = statistics.fmean(r["frames_per_s"] for r, _ in runs)
+            cell = f"{m:.2f} +/- {s:.2f} ({fps:,.0f}/s)"
+            cells.append(f"**{cell}**" if m == best else cell)
+            steps = sorted({f for _, c in runs for f, _ in c})
+            curves = [dict(c) for _, c in runs]
+            ys = [[c[f] for c in curves if f in c] for f in steps]
+            mean = [statistics.fmean(y) for y in ys]
+            std = [statistics.pstdev(y) if len(y) > 1 else 0.0 for y in ys]
+            ax.plot(steps, mean, label=algo)
+            ax.fill_between(steps, [a - b for a, b in zip(mean, std, strict=True)],
+                            [a + b for a, b in zip(mean, std, strict=True)], alpha=0.2)
+        ax.set(xlabel="frames", ylabel="evaluation return", title=f"{env} ({len(seeds)} seeds, mean +/- std)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.out / f"{env}.png", dpi=100)
+        plt.close(fig)
+        lines.append(f"| {env} | {frames:,} | " + " | ".join(cells) + " |")
+    header = (f"Command: `{' '.join(['.venv/bin/python benchmarks/compare.py', *sys.argv[1:]])}`; seeds "
+              f"0-{len(seeds) - 1}; final deterministic policy; {platform.machine()}, {os.cpu_count()} cores; "
+              f"{time.perf_counter() - start:.0f} s. Cells: final return mean +/- std over seeds (frames/s); "
+              f"bold: the best mean.")
+    table = header + "\n\n" + "\n".join(lines) + "\n"
+    (args.out / "table.md").write_text(table)
+    print(table)
+    print(f"CSV: {args.out / 'runs.csv'}; plots: {args.out}/<env>.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Throughput of recipes/train.py: OT-TRPO against TorchRL's ClipPPOLoss, side by side.
+
+Both runs use the same recipe, collector, batch size, epochs, minibatches, networks and optimiser;
+only ``algo=`` differs. Runs alternate (ot_trpo, ppo, ot_trpo, ppo, ...) one at a time so that
+both see the same machine state; the figure is the recipe's own ``frames_per_s`` (training time:
+collection + updates, evaluations excluded), and the ratio is of the medians.
+
+    .venv/bin/python benchmarks/throughput.py                                # CartPole-v1 and Pendulum-v1
+    .venv/bin/python benchmarks/throughput.py --envs Hopper-v5 --frames 40960 --reps 3
+
+Not a test: it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(env: str, algo: str, frames: int, seed: int, extra: list[str]) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, str(ROOT / "recipes" / "train.py"), f"env={env}", f"algo={algo}", f"seed={seed}",
+               f"total_frames={frames}", f"eval_every={10 * frames}", f"checkpoint_every={10 * frames}",
+               "eval_episodes=1", "progress=false", f"hydra.run.dir={tmp}", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+        if proc.returncode != 0:
+            raise RuntimeError(f"run failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+        return json.loads((Path(tmp) / "summary.json").read_text())["frames_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--envs", nargs="+", default=["CartPole-v1", "Pendulum-v1"])
+    parser.add_argument("--frames", type=int, default=30720, help="frames per run")
+    parser.add_argument("--reps", type=int, default=3, help="runs per (env, algo)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to every run")
+    args = parser.parse_args()
+
+    lines = ["| env | OT-TRPO frames/s | PPO (ClipPPOLoss) frames/s | ratio OT-TRPO / PPO |", "|---|---|---|---|"]
+    for env in args.envs:
+        fps: dict[str, list[float]] = {"ot_trpo": [], "ppo": []}
+        for rep in range(args.reps):
+            for algo in fps:
+                fps[algo].append(run(env, algo, args.frames, rep, args.overrides))
+                print(f"{env} {algo} rep {rep}: {fps[algo][-1]:.0f} frames/s", flush=True)
+        ot, ppo = statistics.median(fps["ot_trpo"]), statistics.median(fps["ppo"])
+        lines.append(f"| {env} | {ot:.0f} ({', '.join(f'{v:.0f}' for v in fps['ot_trpo'])}) | "
+                     f"{ppo:.0f} ({', '.join(f'{v:.0f}' for v in fps['ppo'])}) | {ot / ppo:.2f} |")
+    print()
+    print(f"{args.frames} frames per run, {args.reps} runs each, medians (all runs in brackets); "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, one torch thread")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

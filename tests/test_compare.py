@@ -1,0 +1,30 @@
+"""Smoke version of benchmarks/compare.py: two environments, one seed, a tiny budget, every algorithm."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["total_frames=512", "frames_per_batch=256", "num_envs=4", "num_epochs=1", "num_minibatches=2",
+        "eval_every=256", "eval_episodes=2", "checkpoint_every=512"]
+
+
+def test_compare_writes_csv_plots_and_table(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--envs", "CartPole-v1", "Pendulum-v1",
+           "--seeds", "1", "--jobs", "2", "--out", str(tmp_path), *TINY]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "runs.csv")))
+    assert set(rows[0]) == {"algo", "env", "seed", "frames", "eval_return", "wall_time_s"}
+    runs = {(r["env"], r["algo"]) for r in rows}
+    # wpo (no splitting) is the discrete-action baseline only.
+    assert runs == {("CartPole-v1", a) for a in ("ot_trpo", "ppo", "a2c", "trpo", "wpo")} | {
+        ("Pendulum-v1", a) for a in ("ot_trpo", "ppo", "a2c", "trpo")}
+    assert {int(r["frames"]) for r in rows} == {0, 256, 512}  # evaluation at the start, every 256, at the end
+    for env in ("CartPole-v1", "Pendulum-v1"):
+        assert (tmp_path / f"{env}.png").stat().st_size > 0
+    table = (tmp_path / "table.md").read_text()
+    assert "| CartPole-v1 | 512 |" in table and "| Pendulum-v1 | 512 |" in table
+    assert table.count("n/a") == 1  # wpo on Pendulum
+    assert table in proc.stdout
