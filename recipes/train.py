@@ -1,10 +1,13 @@
-"""Deep OT-TRPO (or the PPO baseline) on any gymnasium env with a flat Box observation space.
+"""Deep OT-TRPO (or a baseline: PPO, A2C, TRPO, WPO) on any gymnasium env with flat Box or Discrete
+observations (the latter seen one-hot).
 
 OT-TRPO is :class:`torchrl_ot.OTTrustRegionLoss` (Algorithm 1, Section 5): per collected batch, GAE
 advantages, the exact lambda* of the dual (eq. 12) solved ONCE, then ``num_epochs`` x
-``num_minibatches`` Adam steps on that fixed lambda*. ``algo=ppo`` swaps in TorchRL's ``ClipPPOLoss``
-with everything else identical (collector, batch, epochs, minibatches, networks, optimiser). Reads
-top to bottom:
+``num_minibatches`` Adam steps on that fixed lambda*. ``algo=ppo`` swaps in TorchRL's ``ClipPPOLoss``,
+``algo=a2c`` its ``A2CLoss`` (one step per batch), ``algo=trpo`` :class:`torchrl_ot.TRPOLoss` (one
+natural-gradient actor step per batch, the critic on the minibatches) and ``algo=wpo`` the OT loss
+without mass splitting (discrete actions), with everything else identical (collector, batch,
+networks, optimiser). Reads top to bottom:
 
     python recipes/train.py                                     # CartPole-v1, OT-TRPO
     python recipes/train.py env=Pendulum-v1 algo=ppo seed=3
@@ -440,7 +443,7 @@ def main(cfg: DictConfig) -> dict:
             with torch.no_grad():
                 loss_module.value_estimator(batch)
             row = {"frames": frames, "train_return": episode_returns.mean().item() if done.any() else float("nan")}
-            if algo in ("ot_trpo", "trpo") and cfg.algo.normalize_advantage:  # batch-level, before the update
+            if algo in ("ot_trpo", "wpo", "trpo") and cfg.algo.normalize_advantage:  # batch-level, before the update
                 adv = batch["advantage"]
                 batch["advantage"] = (adv - adv.mean()) / adv.std().clamp_min(1e-8)
             if algo == "trpo":  # the actor's step: natural gradient + line search on the whole batch
