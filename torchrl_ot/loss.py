@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -10,15 +9,13 @@ from tensordict import TensorDict, TensorDictBase, TensorDictParams
 from tensordict.nn import ProbabilisticTensorDictModule, TensorDictModule, dispatch
 from tensordict.utils import NestedKey
 from torch import Tensor
-from torchrl.objectives.common import LossModule
 from torchrl.objectives.utils import (
     ValueEstimators,
-    _cache_values,
     _get_default_device,
-    dispatch_value_estimator,
     distance_loss,
 )
 
+from torchrl_ot._actor_critic import ActorCriticLoss
 from torchrl_ot.costs import TransportCost
 from torchrl_ot.functional import (
     DualSolution,
@@ -40,7 +37,7 @@ def _deterministic(dist) -> Tensor:
     return dist.mean if sample is None else sample
 
 
-class OTTrustRegionLoss(LossModule):
+class OTTrustRegionLoss(ActorCriticLoss):
     """OT-TRPO loss: Algorithm 1 of the paper, step 4 (solve for lam*) and step 5 (update theta).
 
     The dual (eq. 12) ``G(lam) = lam * eps + sum_b w_b max_k (A_bk - lam c_bk)`` is solved *exactly*
@@ -218,10 +215,6 @@ class OTTrustRegionLoss(LossModule):
             self.set_keys(sample_log_prob=actor_network.log_prob_keys[0], action=actor_network.dist_sample_keys[0])
 
     @property
-    def functional(self) -> bool:
-        return self._functional
-
-    @property
     def in_keys(self) -> list[NestedKey]:
         keys = self.tensor_keys
         nxt = lambda k: ("next", *k) if isinstance(k, tuple) else ("next", k)
@@ -237,29 +230,8 @@ class OTTrustRegionLoss(LossModule):
         return ["loss_objective", "loss_critic", *ent, "ot_multiplier", "ot_split", "ot_transport",
                 "ot_active_fraction"]
 
-    def make_value_estimator(self, value_type: ValueEstimators | None = None, **hyperparams) -> OTTrustRegionLoss:
-        """Build the advantage estimator (TD0, TD1, TDLambda or GAE; default GAE), e.g. ``gamma=0.99, lmbda=0.95``."""
-        value_type, hp = self._prepare_value_estimator_kwargs(value_type, **hyperparams)
-        if value_type is None:
-            return self
-        hp.setdefault("device", _get_default_device(self))
-        dispatch_value_estimator(self, value_type, supported=self.SUPPORTED_VALUE_ESTIMATORS, tensor_keys={
-            name: getattr(self.tensor_keys, name) for name in self._value_estimator_default_keys}, **hp)
-        return self
-
     # ---------------------------------------------------------------------------------------------
     # helpers
-
-    @property
-    @_cache_values
-    def _cached_detach_critic_network_params(self):
-        return self.critic_network_params.detach() if self.functional else None
-
-    def _params(self, name: str):
-        """Context that loads ``name``'s parameters into its (stateless) module when functional."""
-        if not self.functional:
-            return contextlib.nullcontext()
-        return getattr(self, f"{name}_params").to_module(getattr(self, name), preserve_module_state=False)
 
     def _run(self, name: str, td: TensorDictBase) -> TensorDictBase:
         net = getattr(self, name)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,14 +14,13 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, kl_divergence
 from torch.nn.utils import parameters_to_vector
 from torchrl.modules.distributions.utils import has_analytic_entropy
-from torchrl.objectives.common import LossModule
 from torchrl.objectives.utils import (
     ValueEstimators,
-    _cache_values,
     _get_default_device,
-    dispatch_value_estimator,
     distance_loss,
 )
+
+from torchrl_ot._actor_critic import ActorCriticLoss
 
 __all__ = ["TRPOLoss", "conjugate_gradient", "fisher_vector_product", "flat_grad", "get_flat_params",
            "set_flat_params"]
@@ -104,7 +102,7 @@ def _entropy(dist: Distribution, n: int, seed: int | None = None) -> Tensor:
         return -_log_prob(dist, dist.rsample(), n)
 
 
-class TRPOLoss(LossModule):
+class TRPOLoss(ActorCriticLoss):
     """TRPO: maximise ``L(theta) = mean_b exp(log pi_theta(a_b|s_b) - log pi_old(a_b|s_b)) A_b`` subject to
     ``mean_b KL(pi_old(.|s_b) || pi_theta(.|s_b)) <= max_kl``.
 
@@ -216,10 +214,6 @@ class TRPOLoss(LossModule):
             self.set_keys(sample_log_prob=actor_network.log_prob_keys[0], action=actor_network.dist_sample_keys[0])
 
     @property
-    def functional(self) -> bool:
-        return self._functional
-
-    @property
     def in_keys(self) -> list[NestedKey]:
         keys = self.tensor_keys
         nxt = lambda k: ("next", *k) if isinstance(k, tuple) else ("next", k)
@@ -230,27 +224,6 @@ class TRPOLoss(LossModule):
     @property
     def out_keys(self) -> list[str]:
         return ["loss_objective", "loss_critic", "kl", *(["entropy"] if self.entropy_coeff is not None else [])]
-
-    def make_value_estimator(self, value_type: ValueEstimators | None = None, **hyperparams) -> TRPOLoss:
-        """Build the advantage estimator (TD0, TD1, TDLambda or GAE; default GAE), e.g. ``gamma=0.99, lmbda=0.95``."""
-        value_type, hp = self._prepare_value_estimator_kwargs(value_type, **hyperparams)
-        if value_type is None:
-            return self
-        hp.setdefault("device", _get_default_device(self))
-        dispatch_value_estimator(self, value_type, supported=self.SUPPORTED_VALUE_ESTIMATORS, tensor_keys={
-            name: getattr(self.tensor_keys, name) for name in self._value_estimator_default_keys}, **hp)
-        return self
-
-    @property
-    @_cache_values
-    def _cached_detach_critic_network_params(self):
-        return self.critic_network_params.detach() if self.functional else None
-
-    def _params(self, name: str):
-        """Context that loads ``name``'s parameters into its (stateless) module when functional."""
-        if not self.functional:
-            return contextlib.nullcontext()
-        return getattr(self, f"{name}_params").to_module(getattr(self, name), preserve_module_state=False)
 
     def _actor_params(self) -> list[nn.Parameter]:
         # The very Parameter objects the actor runs with (functional: those loaded by to_module).
