@@ -194,9 +194,22 @@ class ObsActionMLP(nn.Module):
         return self.net(torch.cat([observation, action], -1))
 
 
+class ValueAndAdvantage(nn.Module):
+    """One MLP with ``1 + n_actions`` outputs read as ``(V(s), A(s, .))``: the categorical head inside the critic."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.net(observation)
+        return out[..., :1], out[..., 1:]
+
+
 def make_networks(env: TransformedEnv, cfg: DictConfig, policy: str):
     """Actor (tanh-Gaussian or categorical), critic V(s) and, for OT-TRPO's categorical/sampled
-    policies, the advantage head (``A(s, .)`` per action, or ``A(s, a)``)."""
+    policies, the advantage head (``A(s, .)`` per action, or ``A(s, a)``). With ``algo.advantage_head=shared``
+    the categorical head is part of the critic (one network writing both) and the returned head is None."""
     obs_dim = env.observation_spec["observation"].shape[-1]
     action_spec = env.full_action_spec_unbatched
     space = env.action_spec_unbatched
@@ -219,7 +232,10 @@ def make_networks(env: TransformedEnv, cfg: DictConfig, policy: str):
                                    return_log_prob=True, default_interaction_type=ExplorationType.RANDOM)
     critic = ValueOperator(mlp(obs_dim, 1, cfg.num_cells, 1.0), in_keys=["observation"])
     head = None
-    if policy == "categorical":
+    if policy == "categorical" and cfg.algo.get("advantage_head") == "shared":
+        critic = ValueOperator(ValueAndAdvantage(mlp(obs_dim, 1 + n_actions, cfg.num_cells, 1.0)),
+                               in_keys=["observation"], out_keys=["state_value", "action_advantage"])
+    elif policy == "categorical":
         head = TensorDictModule(mlp(obs_dim, n_actions, cfg.num_cells, 1.0), ["observation"], ["action_advantage"])
     elif policy == "sampled":
         head = TensorDictModule(ObsActionMLP(mlp(obs_dim + act_dim, 1, cfg.num_cells, 1.0)),
@@ -287,6 +303,8 @@ def main(cfg: DictConfig) -> dict:
     ot_family = algo in ("ot_trpo", "wpo")  # wpo: the same loss with the no-splitting rule
     if ot_family and not (cfg.algo.epsilon > 0 and math.isfinite(cfg.algo.epsilon)):
         raise ValueError(f"algo.epsilon must be positive and finite, got {cfg.algo.epsilon}")
+    if ot_family and cfg.algo.advantage_head not in ("shared", "separate"):
+        raise ValueError(f"algo.advantage_head must be 'shared' or 'separate', got {cfg.algo.advantage_head!r}")
     for key in ("total_frames", "frames_per_batch", "num_envs", "num_epochs", "num_minibatches", "eval_every",
                 "eval_episodes", "checkpoint_every", "num_collectors", "num_threads"):
         if not (isinstance(cfg[key], int) and cfg[key] >= 1):

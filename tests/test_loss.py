@@ -387,6 +387,53 @@ def test_bad_configuration():
                           advantage_network=head, num_candidates=0)
 
 
+class _TwoHeads(nn.Module):
+    """One critic module writing V(s) and A(s, .), made of two independent linears so that it can be
+    compared exactly with a separate critic and head holding the same weights."""
+
+    def __init__(self, value: nn.Linear, head: nn.Linear):
+        super().__init__()
+        self.value, self.head = value, head
+
+    def forward(self, obs):
+        return self.value(obs), self.head(obs)
+
+
+def test_categorical_head_inside_the_critic_equals_a_separate_head():
+    torch.manual_seed(0)
+    separate = _make_loss("categorical", epsilon=0.02)
+    value = nn.Linear(OBS, 1)
+    head = nn.Linear(OBS, N_ACT)
+    actor = _categorical_actor()
+    with torch.no_grad():  # the same weights as the separate loss
+        for mod, params in ((value, separate.critic_network_params), (head, separate.advantage_network_params),
+                            (actor.module[0].module, separate.actor_network_params)):
+            flat = params.flatten_keys(".")
+            for name, p in mod.named_parameters():
+                p.copy_(next(v for k, v in flat.items() if k.endswith(name)))
+    critic = ValueOperator(_TwoHeads(value, head), in_keys=["observation"],
+                           out_keys=["state_value", "action_advantage"])
+    shared = OTTrustRegionLoss(actor, critic, cost=DiscreteMetricCost(), epsilon=0.02, policy="categorical")
+    assert "advantage_network" not in dict(shared.named_children())
+    td = _data("categorical", batch=(8,))
+    out_sep, out_sh = separate(td.clone()), shared(td.clone())
+    assert out_sep["ot_multiplier"] > 0
+    for key in ("loss_objective", "loss_critic", "ot_multiplier", "ot_split", "ot_transport", "ot_active_fraction"):
+        torch.testing.assert_close(out_sh[key], out_sep[key])
+    # loss_critic carries the head's regression: the head's weights get the same gradient in both
+    out_sep["loss_critic"].backward()
+    out_sh["loss_critic"].backward()
+    g_sep = separate.advantage_network_params.flatten_keys(".")
+    g_sh = shared.critic_network_params.flatten_keys(".")
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(next(v.grad for k, v in g_sh.items() if k.endswith(f"head.{name}")),
+                                   next(v.grad for k, v in g_sep.items() if k.endswith(name)))
+    # and loss_objective does not reach the critic
+    shared.zero_grad(set_to_none=True)
+    shared(td.clone())["loss_objective"].backward()
+    assert _none_or_zero(_grads(shared.critic_network_params))
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("key", ["advantage", "observation"])
 def test_nan_inputs_are_refused(policy, key):

@@ -153,3 +153,19 @@ def test_scale_schedule_anneals_the_std_and_epsilon_with_it(tmp_path):
     # Batch k is collected with the scale set after batch k-1: 1 - 0.8 * frames / total_frames.
     assert scales == pytest.approx([1.0, 0.8, 0.6, 0.4], rel=1e-5)
     assert epsilons == pytest.approx([0.3 * s**2 for s in scales], rel=1e-5)
+
+
+def test_categorical_advantage_head_shared_or_separate(tmp_path):
+    import torch
+
+    for head in ("shared", "separate"):
+        run_dir = tmp_path / head
+        proc = _run("env=CartPole-v1", *_tiny(), f"algo.advantage_head={head}", f"hydra.run.dir={run_dir}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+        # shared: the critic's last layer has 1 + 2 outputs (V and A(s, .)) and there is no separate head
+        last = [v for k, v in ckpt["critic"].items() if k.endswith("weight")][-1]
+        assert last.shape[0] == (3 if head == "shared" else 1)
+        assert (ckpt.get("advantage") is None) == (head == "shared")
+    proc = _run("env=CartPole-v1", "algo.advantage_head=both", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert proc.returncode != 0 and "advantage_head" in proc.stderr and "separate" in proc.stderr

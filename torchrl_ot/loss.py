@@ -54,7 +54,9 @@ class OTTrustRegionLoss(ActorCriticLoss):
       head ``advantage_network`` writes ``h(s, .)`` ``[..., A]``, centred under the behaviour policy,
       ``A(s, .) = h(s, .) - sum_a pi_old(a|s) h(s, a)``. The mass-split target ``pi*`` (eq. 9-10) comes
       from :func:`~torchrl_ot.functional.tabular_ot_update`; the loss is
-      ``(1/B) sum_b ||pi_theta(.|s_b) - pi*(.|s_b)||^2``.
+      ``(1/B) sum_b ||pi_theta(.|s_b) - pi*(.|s_b)||^2``. Instead of a separate ``advantage_network``
+      the critic may write ``action_advantage`` next to ``state_value`` (one network with ``A + 1``
+      outputs, a dueling critic): one forward pass per step instead of two.
     * ``"sampled"`` (step 4 case 3, step 5 case 3): ``advantage_network`` reads observation and action
       and writes ``A(s, a)`` ``[..., 1]``. Candidates: ``num_candidates`` draws from the behaviour
       policy plus ``a_b`` itself (cost 0, so the dual is always feasible). The loss is
@@ -80,7 +82,8 @@ class OTTrustRegionLoss(ActorCriticLoss):
             Categorical/OneHotCategorical for "categorical"). critic_network: a ``ValueOperator``.
         cost: the :class:`~torchrl_ot.costs.TransportCost` ``c(a, a')``; epsilon: the radius (> 0).
         policy: ``"gaussian"``, ``"categorical"`` or ``"sampled"``; advantage_network: the advantage
-            head (required for the last two); num_candidates: behaviour draws per state ("sampled").
+            head (required for the last two; "categorical" also takes it from a critic that writes
+            ``action_advantage``); num_candidates: behaviour draws per state ("sampled").
         split: True (default) splits mass at the boundary with t* (Corollary 3, the exact optimum); False is
             the WPO rule (all of an action's mass to one maximiser), "categorical" only, kept as the
             baseline: its update can leave the trust region.
@@ -179,9 +182,15 @@ class OTTrustRegionLoss(ActorCriticLoss):
         if cost.discrete != (policy == "categorical"):
             raise ValueError(f"policy={policy!r} needs a {'discrete' if policy == 'categorical' else 'continuous'} "
                              f"cost, got {type(cost).__name__}")
-        if (advantage_network is None) == (policy != "gaussian"):
+        # "categorical" may take the head from the critic itself: one network writing V(s) and A(s, .)
+        # (a dueling critic) costs one forward pass instead of two.
+        head_in_critic = (policy == "categorical" and advantage_network is None
+                          and self.default_keys.action_advantage in getattr(critic_network, "out_keys", []))
+        if (advantage_network is None and not head_in_critic) == (policy != "gaussian"):
             raise ValueError(f"policy={policy!r} {'needs' if policy != 'gaussian' else 'takes no'} advantage_network "
-                             "(it is the advantage head A(s, .) of Section 5, step 5 cases 2-3)")
+                             "(it is the advantage head A(s, .) of Section 5, step 5 cases 2-3"
+                             + ("; or a critic_network that also writes 'action_advantage')" if policy == "categorical"
+                                else ")"))
         if not isinstance(split, bool) or (not split and policy != "categorical"):
             raise ValueError(f"split=False (the WPO rule) needs policy='categorical', got split={split!r}, "
                              f"policy={policy!r}")
@@ -206,6 +215,7 @@ class OTTrustRegionLoss(ActorCriticLoss):
             self.target_critic_network_params = None  # read by the value estimator call, as in A2C
         self.cost, self.epsilon, self.policy, self.num_candidates = cost, epsilon, policy, num_candidates
         self.split = split
+        self._head_name = "critic_network" if head_in_critic else "advantage_network"
         self.loss_critic_type, self.reduction = loss_critic_type, reduction
         device = _get_default_device(self)
         self.register_coeff_buffer("entropy_coeff", entropy_coeff, device=device)
@@ -219,7 +229,7 @@ class OTTrustRegionLoss(ActorCriticLoss):
         keys = self.tensor_keys
         nxt = lambda k: ("next", *k) if isinstance(k, tuple) else ("next", k)
         nets = [self.actor_network, self.critic_network]
-        nets += [self.advantage_network] if self.policy != "gaussian" else []
+        nets += [self.advantage_network] if self.policy != "gaussian" and self._head_name == "advantage_network" else []
         out = [keys.action, nxt(keys.reward), nxt(keys.done), nxt(keys.terminated)]
         out += [k for net in nets for k in net.in_keys] + [nxt(k) for k in self.critic_network.in_keys]
         return list(dict.fromkeys(out))
@@ -252,9 +262,10 @@ class OTTrustRegionLoss(ActorCriticLoss):
             td.update(sub.select(*self._dist_keys))
         return self.actor_network.build_dist_from_params(td.select(*self._dist_keys).detach())
 
-    def _head(self, td: TensorDictBase, old_probs: Tensor | None = None) -> Tensor:
-        """Advantage network output; "categorical": centred under pi_old, ``[B, A]``; "sampled": ``[B]``."""
-        out = self._run("advantage_network", td).get(self.tensor_keys.action_advantage)
+    def _head(self, td: TensorDictBase, old_probs: Tensor | None = None, ran: TensorDictBase | None = None) -> Tensor:
+        """Advantage head output; "categorical": centred under pi_old, ``[B, A]``; "sampled": ``[B]``.
+        ``ran``: the head network's output on ``td`` if already computed (a critic that writes the head)."""
+        out = (self._run(self._head_name, td) if ran is None else ran).get(self.tensor_keys.action_advantage)
         if old_probs is None:
             return out.squeeze(-1)
         if out.shape != old_probs.shape:
@@ -372,12 +383,13 @@ class OTTrustRegionLoss(ActorCriticLoss):
         adv = self._advantage(flat).detach()
         action = flat.get(keys.action)
         head_loss = None
+        critic_out = self._run("critic_network", flat)
         if self.policy == "categorical":
             old_probs = self._behaviour_dist(flat).probs.detach()
             target = flat.get(keys.target_probs).detach()
             objective = -(dist.probs - target).pow(2).sum(-1)
             active = (target - old_probs).abs().amax(-1) > 1e-6
-            head = self._head(flat, old_probs)
+            head = self._head(flat, old_probs, critic_out if self._head_name == "critic_network" else None)
             # The taken action is stored as an index [B] / [B, 1] (Categorical) or one-hot [B, A] (OneHotCategorical).
             one_hot = action.dim() == 2 and action.shape[-1] == head.shape[-1] > 1
             index = action.argmax(-1) if one_hot else action.reshape(-1).long()
@@ -395,7 +407,7 @@ class OTTrustRegionLoss(ActorCriticLoss):
                 objective, best = term.max(-1)
                 active = best != cands.shape[1] - 1  # pulled towards a candidate other than its own action
                 head_loss = distance_loss(self._head(flat), adv, self.loss_critic_type)
-        value = self._run("critic_network", flat).get(keys.value)
+        value = critic_out.get(keys.value)
         critic = distance_loss(value, flat.get(keys.value_target).to(value.dtype), self.loss_critic_type)
         critic = critic.reshape(flat.shape) + (0 if head_loss is None else head_loss)
         losses = {"loss_objective": -objective, "loss_critic": self.critic_coeff * critic}
