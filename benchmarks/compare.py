@@ -84,6 +84,28 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
 
 
+def verdict(env: str, finals: dict[str, list[float]]) -> str:
+    """The paper's target on one env, as the table states it: OT-TRPO's mean final return at least the best
+    baseline's, with a standard deviation no larger than that baseline's (and >= 1.5x PPO on Swimmer)."""
+    if not finals.get("ot_trpo"):
+        return "n/a"
+    base = {a: mean_std(v) for a, v in finals.items() if a != "ot_trpo" and v}
+    if not base:
+        return "n/a"
+    m, s = mean_std(finals["ot_trpo"])
+    best = max(base, key=lambda a: base[a][0])
+    bm, bs = base[best]
+    tol = 1e-9 * max(1.0, abs(bm))  # equal returns (e.g. 500 +/- 0 on CartPole) tie, not miss
+    misses = []
+    if m < bm - tol:
+        misses.append(f"mean below {best}")
+    if s > bs + tol:
+        misses.append(f"std above {best}")
+    if env.startswith("Swimmer") and "ppo" in base and m < 1.5 * base["ppo"][0]:
+        misses.append("below 1.5x ppo")
+    return "met" if not misses else "not met: " + ", ".join(misses)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--envs", nargs="+", default=ENVS)
@@ -113,7 +135,7 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
 
-    lines = ["| env | frames | " + " | ".join(args.algos) + " |", "|---|---|" + "---|" * len(args.algos)]
+    lines = ["| env | frames | " + " | ".join(args.algos) + " | target |", "|---|---|" + "---|" * (len(args.algos) + 1)]
     for env in args.envs:
         fig, ax = plt.subplots(figsize=(6, 3.6))
         cells, frames = [], None
@@ -142,11 +164,12 @@ def main() -> None:
         fig.tight_layout()
         fig.savefig(args.out / f"{env}.png", dpi=100)
         plt.close(fig)
-        lines.append(f"| {env} | {frames:,} | " + " | ".join(cells) + " |")
+        lines.append(f"| {env} | {frames:,} | " + " | ".join(cells) + f" | {verdict(env, finals)} |")
     header = (f"Command: `{' '.join(['.venv/bin/python benchmarks/compare.py', *sys.argv[1:]])}`; seeds "
               f"0-{len(seeds) - 1}; final deterministic policy; {platform.machine()}, {os.cpu_count()} cores; "
               f"{time.perf_counter() - start:.0f} s. Cells: final return mean +/- std over seeds (frames/s); "
-              f"bold: the best mean.")
+              f"bold: the best mean. Target: OT-TRPO's mean at least the best baseline's, its std no larger "
+              f"(on Swimmer also >= 1.5x PPO).")
     table = header + "\n\n" + "\n".join(lines) + "\n"
     (args.out / "table.md").write_text(table)
     print(table)

@@ -5,7 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from compare import verdict  # noqa: E402
+
 TINY = ["total_frames=512", "frames_per_batch=256", "num_envs=4", "num_epochs=1", "num_minibatches=2",
         "eval_every=256", "eval_episodes=2", "checkpoint_every=512"]
 
@@ -27,4 +32,18 @@ def test_compare_writes_csv_plots_and_table(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert "| CartPole-v1 | 512 |" in table and "| Pendulum-v1 | 512 |" in table
     assert table.count("n/a") == 1  # wpo on Pendulum
+    assert "| target |" in table and table.count("met") >= 2  # one verdict per env
     assert table in proc.stdout
+
+
+@pytest.mark.parametrize(("env", "finals", "expected"), [
+    ("CartPole-v1", {"ot_trpo": [500, 500], "ppo": [500, 500], "a2c": [100, 120]}, "met"),  # a tie counts
+    ("CartPole-v1", {"ot_trpo": [400, 500], "ppo": [450, 450]}, "not met: std above ppo"),
+    ("Hopper-v5", {"ot_trpo": [400, 420], "ppo": [900, 1100], "trpo": [950, 960]}, "not met: mean below ppo"),
+    ("Hopper-v5", {"ot_trpo": [400, 420], "trpo": [950, 950]}, "not met: mean below trpo, std above trpo"),
+    ("Swimmer-v5", {"ot_trpo": [140, 140], "ppo": [100, 100]}, "not met: below 1.5x ppo"),
+    ("Swimmer-v5", {"ot_trpo": [160, 160], "ppo": [100, 100]}, "met"),
+    ("Pendulum-v1", {"ppo": [-200.0]}, "n/a"),
+])
+def test_verdict_states_the_papers_target(env, finals, expected):
+    assert verdict(env, finals) == expected

@@ -55,8 +55,8 @@ class OTTrustRegionLoss(ActorCriticLoss):
       ``A(s, .) = h(s, .) - sum_a pi_old(a|s) h(s, a)``. The mass-split target ``pi*`` (eq. 9-10) comes
       from :func:`~torchrl_ot.functional.tabular_ot_update`; the loss is
       ``(1/B) sum_b ||pi_theta(.|s_b) - pi*(.|s_b)||^2``. Instead of a separate ``advantage_network``
-      the critic may write ``action_advantage`` next to ``state_value`` (one network with ``A + 1``
-      outputs, a dueling critic): one forward pass per step instead of two.
+      the critic module may write ``action_advantage`` next to ``state_value``: one module call per
+      step instead of two.
     * ``"sampled"`` (step 4 case 3, step 5 case 3): ``advantage_network`` reads observation and action
       and writes ``A(s, a)`` ``[..., 1]``. Candidates: ``num_candidates`` draws from the behaviour
       policy plus ``a_b`` itself (cost 0, so the dual is always feasible). The loss is
@@ -182,8 +182,8 @@ class OTTrustRegionLoss(ActorCriticLoss):
         if cost.discrete != (policy == "categorical"):
             raise ValueError(f"policy={policy!r} needs a {'discrete' if policy == 'categorical' else 'continuous'} "
                              f"cost, got {type(cost).__name__}")
-        # "categorical" may take the head from the critic itself: one network writing V(s) and A(s, .)
-        # (a dueling critic) costs one forward pass instead of two.
+        # "categorical" may take the head from the critic module itself (writing V(s) and A(s, .)):
+        # one module call per step instead of two.
         head_in_critic = (policy == "categorical" and advantage_network is None
                           and self.default_keys.action_advantage in getattr(critic_network, "out_keys", []))
         if (advantage_network is None and not head_in_critic) == (policy != "gaussian"):
