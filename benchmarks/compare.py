@@ -114,6 +114,8 @@ def main() -> None:
     parser.add_argument("--ten-seeds", action="store_true", help="10 seeds, as the paper's Figure 1")
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)), help="runs side by side")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
+    parser.add_argument("--report-only", action="store_true",
+                        help="launch nothing: tabulate and plot the finished runs (cells say how many seeds)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (e.g. total_frames=50000)")
     args = parser.parse_args()
     seeds = range(10 if args.ten_seeds else args.seeds)
@@ -121,8 +123,12 @@ def main() -> None:
             if algo != "wpo" or discrete_actions(env)]
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with ThreadPoolExecutor(args.jobs) as pool:
-        dirs = list(pool.map(lambda job: run_one(*job, args.out, args.overrides), jobs))
+    if args.report_only:
+        jobs = [j for j in jobs if (args.out / j[0] / j[1] / f"seed{j[2]}" / "summary.json").exists()]
+        dirs = [args.out / env / algo / f"seed{seed}" for env, algo, seed in jobs]
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            dirs = list(pool.map(lambda job: run_one(*job, args.out, args.overrides), jobs))
 
     rows, results = [], {}
     for (env, algo, seed), run_dir in zip(jobs, dirs, strict=True):
@@ -149,7 +155,7 @@ def main() -> None:
             frames = runs[0][0]["frames"]
             m, s = mean_std(finals[algo])
             fps = statistics.fmean(r["frames_per_s"] for r, _ in runs)
-            cell = f"{m:.2f} +/- {s:.2f} ({fps:,.0f}/s)"
+            cell = f"{m:.2f} +/- {s:.2f} ({fps:,.0f}/s)" + (f" [{len(runs)} seeds]" if len(runs) < len(seeds) else "")
             cells.append(f"**{cell}**" if m == best else cell)
             steps = sorted({f for _, c in runs for f, _ in c})
             curves = [dict(c) for _, c in runs]

@@ -1,6 +1,7 @@
 """Smoke version of benchmarks/compare.py: two environments, one seed, a tiny budget, every algorithm."""
 
 import csv
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,15 @@ def test_compare_writes_csv_plots_and_table(tmp_path):
     assert table.count("n/a") == 1  # wpo on Pendulum
     assert "| target |" in table and table.count("met") >= 2  # one verdict per env
     assert table in proc.stdout
+    # --report-only launches nothing and tabulates what finished: the same rows; with a seed missing, says so
+
+    shutil.rmtree(tmp_path / "Pendulum-v1" / "ppo")
+    again = subprocess.run([*cmd, "--report-only"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rows_again = (tmp_path / "table.md").read_text().splitlines()[2:]
+    assert rows_again[:3] == table.splitlines()[2:5]  # header row, rule, CartPole
+    assert "| Pendulum-v1 | 512 |" in rows_again[3] and rows_again[3].count("n/a") == 2  # ppo gone, no wpo
+    assert not (tmp_path / "Pendulum-v1" / "ppo").exists()
 
 
 @pytest.mark.parametrize(("env", "finals", "expected"), [
