@@ -197,10 +197,10 @@ class ObsActionMLP(nn.Module):
 class ValueAndAdvantage(nn.Module):
     """The critic V(s) and the categorical head A(s, .) as ONE module: two MLPs, no shared layers.
 
-    The same function and initial weights as a separate critic and head; one TensorDict module call
-    per step instead of two, which is most of what the head costs at these network sizes. (A shared
-    trunk would be cheaper still, but the value regression, with returns in the hundreds on
-    CliffWalking, then swamps the head's.)"""
+    The same function and initial weights as a separate critic and head, with one TensorDict module call
+    per step instead of two; the head's own compute remains (docs/results.md, throughput). A shared
+    trunk would be cheaper, but the value regression, with returns in the hundreds on CliffWalking,
+    then swamps the head's and OT-TRPO stops learning there."""
 
     def __init__(self, value: nn.Module, advantage: nn.Module) -> None:
         super().__init__()
