@@ -1,11 +1,21 @@
 """OT-TRPO against PPO, A2C, TRPO and WPO in one harness: algorithms x environments x seeds.
 
-Every run is ``recipes/train.py`` with the same collector, networks, optimiser, batch size, frame
-budget and evaluation; only ``algo=`` differs (their configs: ``recipes/conf/train/algo/``). Tabular
-environments are seen as one-hot observations. ``wpo`` runs only where actions are discrete.
+Every network run is ``recipes/train.py`` with the same collector, networks, optimiser, batch size,
+frame budget and evaluation; only ``algo=`` differs (their configs: ``recipes/conf/train/algo/``).
+On tabular environments (Discrete observations and actions: Taxi, CliffWalking, NChain, FrozenLake)
+``ot_trpo`` and ``wpo`` are the paper's tabular method (footnote 3: the direct parametrisation in
+discrete environments), i.e. ``recipes/tabular.py`` with the same frame budget, seed and evaluation,
+while PPO, A2C and TRPO are networks seeing one-hot states. ``ot_trpo_net`` / ``wpo_net`` (opt-in)
+run the network OT-TRPO / WPO of ``recipes/train.py`` on those environments too. ``wpo`` runs only
+where actions are discrete.
+
 Runs go ``--jobs`` at a time into ``--out/<env>/<algo>/seed<k>``; a finished run (``summary.json``)
-is reused and an interrupted one resumes from its checkpoint, so a killed benchmark continues
-where it stopped when the same command is run again.
+is reused and an interrupted network run resumes from its checkpoint, so a killed benchmark
+continues where it stopped when the same command is run again. Every run's budget is its train env
+config's ``total_frames`` (``--frames`` overrides it for all), evaluated every ``eval_every`` frames
+over ``--eval-episodes`` episodes (10, as the paper's Figure 1) with the deterministic policy.
+Trailing Hydra overrides go to ``recipes/train.py``; prefixed ``tabular.`` they go to
+``recipes/tabular.py`` instead (``tabular.frames_per_batch=256``).
 
 Outputs in ``--out``: ``runs.csv`` (tidy: algo, env, seed, frames, eval_return, wall_time_s; one
 row per evaluation), ``<env>.png`` (mean +/- std over seeds against frames, as the paper's Figure
@@ -13,7 +23,7 @@ row per evaluation), ``<env>.png`` (mean +/- std over seeds against frames, as t
 
     .venv/bin/python benchmarks/compare.py --envs Pendulum-v1 --algos ot_trpo ppo --seeds 3 --jobs 2
     .venv/bin/python benchmarks/compare.py --ten-seeds                  # every env and algorithm, 10 seeds
-    .venv/bin/python benchmarks/compare.py --envs CartPole-v1 --frames 20000 total_frames=20000   # overrides last
+    .venv/bin/python benchmarks/compare.py --envs CartPole-v1 Taxi-v4 --frames 20480 --report-only
 
 Not a test: it asserts nothing (tests/test_compare.py runs a smoke version).
 """
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import platform
@@ -34,6 +45,7 @@ from pathlib import Path
 
 import gymnasium as gym
 import matplotlib
+from omegaconf import DictConfig, OmegaConf
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -43,29 +55,60 @@ sys.path.insert(0, str(ROOT))
 import torchrl_ot  # noqa: E402,F401  (registers NChain-v0)
 
 ALGOS = ["ot_trpo", "ppo", "a2c", "trpo", "wpo"]
+NETWORK_ON_TABULAR = ["ot_trpo_net", "wpo_net"]  # opt-in: recipes/train.py's OT-TRPO / WPO on tabular envs
 ENVS = ["Taxi-v4", "CliffWalking-v1", "NChain-v0", "FrozenLake-v1", "CartPole-v1", "Acrobot-v1", "Pendulum-v1",
         "Swimmer-v5", "Hopper-v5", "HalfCheetah-v5"]
 # Envs with their own config (recipes/conf/train/env/); the others run with the default env group and env.name=.
-CONFIGURED = {p.stem for p in (ROOT / "recipes" / "conf" / "train" / "env").glob("*.yaml")}
+ENV_CONF = ROOT / "recipes" / "conf" / "train" / "env"
+CONFIGURED = {p.stem for p in ENV_CONF.glob("*.yaml")}
 
 
-def discrete_actions(env: str) -> bool:
+@functools.cache
+def spaces(env: str) -> tuple[bool, bool]:
+    """(discrete actions, tabular: Discrete observations and actions)."""
     e = gym.make(env)
     try:
-        return isinstance(e.action_space, gym.spaces.Discrete)
+        discrete = isinstance(e.action_space, gym.spaces.Discrete)
+        return discrete, discrete and isinstance(e.observation_space, gym.spaces.Discrete)
     finally:
         e.close()
 
 
-def run_one(env: str, algo: str, seed: int, out: Path, overrides: list[str]) -> Path:
-    run_dir = out / env / algo / f"seed{seed}"
-    if (run_dir / "summary.json").exists():
-        return run_dir
+def runs_on(env: str, algo: str) -> bool:
+    discrete, tabular = spaces(env)
+    if algo in NETWORK_ON_TABULAR:
+        return tabular
+    return discrete or algo != "wpo"
+
+
+def budget(env: str) -> DictConfig:
+    """The env's train config (total_frames, eval_every), or the default env group's for unconfigured ids."""
+    return OmegaConf.load(ENV_CONF / f"{env if env in CONFIGURED else 'CartPole-v1'}.yaml")
+
+
+def command(env: str, algo: str, seed: int, run_dir: Path, args: argparse.Namespace) -> list[str]:
+    conf = budget(env)
+    # Hydra keeps the last of repeated overrides: the user's come after these.
+    common = [f"seed={seed}", "progress=false", f"hydra.run.dir={run_dir}",
+              f"total_frames={args.frames or conf.total_frames}"]
+    train_over = [o for o in args.overrides if not o.startswith("tabular.")]
+    tab_over = [o.removeprefix("tabular.") for o in args.overrides if o.startswith("tabular.")]
+    if algo in ("ot_trpo", "wpo") and spaces(env)[1]:
+        return [sys.executable, str(ROOT / "recipes" / "tabular.py"), f"env.name={env}", f"algo={algo}", *common,
+                f"eval.episodes={args.eval_episodes}", f"eval.every={conf.eval_every}", *tab_over]
     env_arg = f"env={env}" if env in CONFIGURED else f"env.name={env}"
-    cmd = [sys.executable, str(ROOT / "recipes" / "train.py"), env_arg, f"algo={algo}", f"seed={seed}",
-           "progress=false", f"hydra.run.dir={run_dir}", *overrides]
+    cmd = [sys.executable, str(ROOT / "recipes" / "train.py"), env_arg, f"algo={algo.removesuffix('_net')}",
+           *common, f"eval_episodes={args.eval_episodes}", *train_over]
     if (run_dir / "checkpoint.pt").exists():
         cmd.append("resume=true")
+    return cmd
+
+
+def run_one(env: str, algo: str, seed: int, args: argparse.Namespace) -> Path:
+    run_dir = args.out / env / algo / f"seed{seed}"
+    if (run_dir / "summary.json").exists():
+        return run_dir
+    cmd = command(env, algo, seed, run_dir, args)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                           env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
     if proc.returncode != 0:
@@ -89,7 +132,7 @@ def verdict(env: str, finals: dict[str, list[float]]) -> str:
     baseline's, with a standard deviation no larger than that baseline's (and >= 1.5x PPO on Swimmer)."""
     if not finals.get("ot_trpo"):
         return "n/a"
-    base = {a: mean_std(v) for a, v in finals.items() if a != "ot_trpo" and v}
+    base = {a: mean_std(v) for a, v in finals.items() if a not in ("ot_trpo", "ot_trpo_net") and v}
     if not base:
         return "n/a"
     m, s = mean_std(finals["ot_trpo"])
@@ -109,18 +152,20 @@ def verdict(env: str, finals: dict[str, list[float]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--envs", nargs="+", default=ENVS)
-    parser.add_argument("--algos", nargs="+", default=ALGOS, choices=ALGOS)
+    parser.add_argument("--algos", nargs="+", default=ALGOS, choices=ALGOS + NETWORK_ON_TABULAR)
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
     parser.add_argument("--ten-seeds", action="store_true", help="10 seeds, as the paper's Figure 1")
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)), help="runs side by side")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
+    parser.add_argument("--frames", type=int, default=None, help="budget for every run (default: the env config's)")
+    parser.add_argument("--eval-episodes", type=int, default=10, help="episodes per evaluation (default 10)")
     parser.add_argument("--report-only", action="store_true",
                         help="launch nothing: tabulate and plot the finished runs (cells say how many seeds)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (e.g. total_frames=50000)")
     args = parser.parse_args()
     seeds = range(10 if args.ten_seeds else args.seeds)
     jobs = [(env, algo, seed) for env in args.envs for algo in args.algos for seed in seeds
-            if algo != "wpo" or discrete_actions(env)]
+            if runs_on(env, algo)]
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if args.report_only:
@@ -128,7 +173,7 @@ def main() -> None:
         dirs = [args.out / env / algo / f"seed{seed}" for env, algo, seed in jobs]
     else:
         with ThreadPoolExecutor(args.jobs) as pool:
-            dirs = list(pool.map(lambda job: run_one(*job, args.out, args.overrides), jobs))
+            dirs = list(pool.map(lambda job: run_one(*job, args), jobs))
 
     rows, results = [], {}
     for (env, algo, seed), run_dir in zip(jobs, dirs, strict=True):

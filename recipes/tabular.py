@@ -67,10 +67,25 @@ def main(cfg: DictConfig) -> dict:
     logger = get_logger(cfg.logger.backend, logger_name=str(run_dir), experiment_name="logs",
                         **({"project": cfg.logger.project} if cfg.logger.backend == "wandb" else {}))
     collector = Collector(env, actor, frames_per_batch=cfg.frames_per_batch, total_frames=cfg.total_frames)
+    eval_env = make_env(cfg.env.name, num_envs=cfg.eval.episodes, max_episode_steps=cfg.env.max_episode_steps,
+                        seed=cfg.seed + 10_000)
+    horizon = episode_limit(cfg.env.name, cfg.env.max_episode_steps)
+    curve: list[tuple[int, float]] = []
+
+    def log_eval(frames_now: int) -> None:
+        # Re-seeded every time, so evaluations differ only through the policy; the torch RNG is forked so
+        # that evaluating (every eval.every frames, or never) leaves training unchanged.
+        eval_env.set_seed(cfg.seed + 10_000)
+        with torch.random.fork_rng():
+            value = evaluate(eval_env, actor, max_steps=horizon, deterministic=cfg.eval.deterministic).mean().item()
+        curve.append((frames_now, value))
+        logger.log_scalar("eval_return", value, step=frames_now)
 
     # --- training: one exact OT update per batch --------------------------------------------
     history: list[dict] = []
     frames = 0
+    if cfg.eval.every:
+        log_eval(0)  # the uniform initial policy: the curve's first point
     pbar = tqdm(total=cfg.total_frames, disable=not cfg.progress, desc=f"{cfg.algo.name} {cfg.env.name}")
     for it, batch in enumerate(collector):
         frames += batch.numel()
@@ -104,6 +119,8 @@ def main(cfg: DictConfig) -> dict:
         for key, value in row.items():
             if key != "frames" and not (isinstance(value, float) and math.isnan(value)):
                 logger.log_scalar(key, value, step=frames)
+        if cfg.eval.every and frames // cfg.eval.every > (frames - batch.numel()) // cfg.eval.every:
+            log_eval(frames)
         pbar.update(batch.numel())
         pbar.set_postfix(ret=f"{row['train_return']:.1f}", lam=f"{row['multiplier']:.3g}",
                          tv=f"{audited:.3g}")
@@ -112,12 +129,13 @@ def main(cfg: DictConfig) -> dict:
     train_time = time.perf_counter() - start
 
     # --- final evaluation ------------------------------------------------------------------
-    eval_env = make_env(cfg.env.name, num_envs=cfg.eval.episodes, max_episode_steps=cfg.env.max_episode_steps,
-                        seed=cfg.seed + 10_000)
-    horizon = episode_limit(cfg.env.name, cfg.env.max_episode_steps)
+    eval_env.set_seed(cfg.seed + 10_000)
     greedy = evaluate(eval_env, actor, max_steps=horizon, deterministic=True)
     sampled = evaluate(eval_env, actor, max_steps=horizon, deterministic=False)
     final = greedy if cfg.eval.deterministic else sampled
+    if not curve or curve[-1][0] != frames:  # the curve ends on the final evaluation
+        curve.append((frames, final.mean().item()))
+        logger.log_scalar("eval_return", curve[-1][1], step=frames)
     torch.save({"probs": policy.probs, "q": critic.q, "config": OmegaConf.to_container(cfg)},
                run_dir / "policy.pt")
 
@@ -151,7 +169,7 @@ def main(cfg: DictConfig) -> dict:
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.6))
     x = [r["frames"] for r in history]
     ax0.plot(x, [r["train_return"] for r in history], label="training episodes")
-    ax0.axhline(summary["final_return"], color="k", ls="--", lw=1, label="final evaluation")
+    ax0.plot(*zip(*curve, strict=True), marker="o", ms=3, label=f"evaluation ({cfg.eval.episodes} episodes)")
     ax0.set(xlabel="frames", ylabel="return", title=f"{cfg.algo.name} on {cfg.env.name}")
     ax0.legend()
     ax1.plot(x, [r["audited_transport"] for r in history], label="audited transport (exact OT)")

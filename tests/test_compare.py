@@ -1,6 +1,8 @@
-"""Smoke version of benchmarks/compare.py: two environments, one seed, a tiny budget, every algorithm."""
+"""Smoke version of benchmarks/compare.py: a discrete, a continuous and a tabular environment, one seed,
+a tiny budget, every algorithm."""
 
 import csv
+import json
 import shutil
 import subprocess
 import sys
@@ -12,28 +14,34 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from compare import verdict  # noqa: E402
 
-TINY = ["total_frames=512", "frames_per_batch=256", "num_envs=4", "num_epochs=1", "num_minibatches=2",
-        "eval_every=256", "eval_episodes=2", "checkpoint_every=512"]
+TINY = ["--frames", "512", "--eval-episodes", "2", "frames_per_batch=256", "num_envs=4", "num_epochs=1",
+        "num_minibatches=2", "eval_every=256", "checkpoint_every=512",
+        "tabular.frames_per_batch=256", "tabular.env.num_envs=4", "tabular.eval.every=256"]
 
 
 def test_compare_writes_csv_plots_and_table(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--envs", "CartPole-v1", "Pendulum-v1",
-           "--seeds", "1", "--jobs", "2", "--out", str(tmp_path), *TINY]
+           "CliffWalking-v1", "--seeds", "1", "--jobs", "2", "--out", str(tmp_path), *TINY]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "runs.csv")))
     assert set(rows[0]) == {"algo", "env", "seed", "frames", "eval_return", "wall_time_s"}
     runs = {(r["env"], r["algo"]) for r in rows}
     # wpo (no splitting) is the discrete-action baseline only.
-    assert runs == {("CartPole-v1", a) for a in ("ot_trpo", "ppo", "a2c", "trpo", "wpo")} | {
-        ("Pendulum-v1", a) for a in ("ot_trpo", "ppo", "a2c", "trpo")}
+    every = ("ot_trpo", "ppo", "a2c", "trpo", "wpo")
+    assert runs == {(e, a) for e in ("CartPole-v1", "CliffWalking-v1") for a in every} | {
+        ("Pendulum-v1", a) for a in every[:-1]}
     assert {int(r["frames"]) for r in rows} == {0, 256, 512}  # evaluation at the start, every 256, at the end
-    for env in ("CartPole-v1", "Pendulum-v1"):
+    # On the tabular env OT-TRPO and WPO are the tabular recipe (the paper's method there), the rest networks.
+    for algo, recipe_key in (("ot_trpo", "violation_rate"), ("wpo", "violation_rate"), ("ppo", "policy")):
+        summary = json.loads((tmp_path / "CliffWalking-v1" / algo / "seed0" / "summary.json").read_text())
+        assert recipe_key in summary and summary["frames"] == 512 and summary["eval_episodes"] == 2
+    for env in ("CartPole-v1", "Pendulum-v1", "CliffWalking-v1"):
         assert (tmp_path / f"{env}.png").stat().st_size > 0
     table = (tmp_path / "table.md").read_text()
-    assert "| CartPole-v1 | 512 |" in table and "| Pendulum-v1 | 512 |" in table
+    assert all(f"| {env} | 512 |" in table for env in ("CartPole-v1", "Pendulum-v1", "CliffWalking-v1"))
     assert table.count("n/a") == 1  # wpo on Pendulum
-    assert "| target |" in table and table.count("met") >= 2  # one verdict per env
+    assert "| target |" in table and table.count("met") >= 3  # one verdict per env
     assert table in proc.stdout
     # --report-only launches nothing and tabulates what finished: the same rows; with a seed missing, says so
 
@@ -42,6 +50,7 @@ def test_compare_writes_csv_plots_and_table(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     rows_again = (tmp_path / "table.md").read_text().splitlines()[2:]
     assert rows_again[:3] == table.splitlines()[2:5]  # header row, rule, CartPole
+    assert rows_again[4] == table.splitlines()[6]  # CliffWalking
     assert "| Pendulum-v1 | 512 |" in rows_again[3] and rows_again[3].count("n/a") == 2  # ppo gone, no wpo
     assert not (tmp_path / "Pendulum-v1" / "ppo").exists()
 
@@ -54,6 +63,8 @@ def test_compare_writes_csv_plots_and_table(tmp_path):
     ("Swimmer-v5", {"ot_trpo": [140, 140], "ppo": [100, 100]}, "not met: below 1.5x ppo"),
     ("Swimmer-v5", {"ot_trpo": [160, 160], "ppo": [100, 100]}, "met"),
     ("Pendulum-v1", {"ppo": [-200.0]}, "n/a"),
+    # The network OT-TRPO on a tabular env is OT-TRPO, not a baseline to beat.
+    ("Taxi-v4", {"ot_trpo": [7.9, 7.9], "ot_trpo_net": [8.5, 8.5], "ppo": [7.0, 7.0]}, "met"),
 ])
 def test_verdict_states_the_papers_target(env, finals, expected):
     assert verdict(env, finals) == expected

@@ -43,3 +43,18 @@ def test_recipe_refuses_unknown_algo_listing_options(tmp_path):
 def test_recipe_refuses_bad_epsilon(tmp_path):
     proc = _run("epsilon=0", "total_frames=1024", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0 and "epsilon" in proc.stderr
+
+
+def test_periodic_evaluation_is_logged_and_leaves_training_unchanged(tmp_path):
+    common = ["env.name=FrozenLake-v1", "total_frames=3072", "frames_per_batch=1024", "env.num_envs=8",
+              "eval.episodes=4", "seed=2"]
+    assert _run(*common, "eval.every=2048", f"hydra.run.dir={tmp_path / 'a'}").returncode == 0
+    assert _run(*common, "eval.every=0", f"hydra.run.dir={tmp_path / 'b'}").returncode == 0
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in "ab")
+    for key in ("final_return_greedy", "final_return_sampled", "mean_train_return", "max_audited_transport"):
+        assert a[key] == b[key], key
+    curve = list(csv.reader(open(tmp_path / "a" / "logs" / "scalars" / "eval_return.csv")))
+    assert [int(float(step)) for step, _ in curve] == [0, 2048, 3072]  # start, every 2048 frames, end
+    assert float(curve[-1][1]) == a["final_return"]
+    only_final = list(csv.reader(open(tmp_path / "b" / "logs" / "scalars" / "eval_return.csv")))
+    assert [int(float(step)) for step, _ in only_final] == [3072]
