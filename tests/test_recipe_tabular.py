@@ -45,6 +45,11 @@ def test_recipe_refuses_bad_epsilon(tmp_path):
     assert proc.returncode != 0 and "epsilon" in proc.stderr
 
 
+def test_recipe_refuses_negative_eval_every(tmp_path):
+    proc = _run("eval.every=-5", "total_frames=1024", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0 and "eval.every" in proc.stderr
+
+
 def test_periodic_evaluation_is_logged_and_leaves_training_unchanged(tmp_path):
     common = ["env.name=FrozenLake-v1", "total_frames=3072", "frames_per_batch=1024", "env.num_envs=8",
               "eval.episodes=4", "seed=2"]
