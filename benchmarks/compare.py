@@ -149,16 +149,24 @@ def verdict(env: str, finals: dict[str, list[float]]) -> str:
     return "met" if not misses else "not met: " + ", ".join(misses)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--envs", nargs="+", default=ENVS)
     parser.add_argument("--algos", nargs="+", default=ALGOS, choices=ALGOS + NETWORK_ON_TABULAR)
-    parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
+    parser.add_argument("--seeds", type=positive_int, default=5, help="seeds 0..N-1 (default 5)")
     parser.add_argument("--ten-seeds", action="store_true", help="10 seeds, as the paper's Figure 1")
-    parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)), help="runs side by side")
+    parser.add_argument("--jobs", type=positive_int, default=max(1, (os.cpu_count() or 1)), help="runs side by side")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
-    parser.add_argument("--frames", type=int, default=None, help="budget for every run (default: the env config's)")
-    parser.add_argument("--eval-episodes", type=int, default=10, help="episodes per evaluation (default 10)")
+    parser.add_argument("--frames", type=positive_int, default=None,
+                        help="budget for every run (default: the env config's)")
+    parser.add_argument("--eval-episodes", type=positive_int, default=10, help="episodes per evaluation (default 10)")
     parser.add_argument("--report-only", action="store_true",
                         help="launch nothing: tabulate and plot the finished runs (cells say how many seeds)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (e.g. total_frames=50000)")

@@ -121,7 +121,9 @@ def main(cfg: DictConfig) -> dict:
         for key, value in row.items():
             if key != "frames" and not (isinstance(value, float) and math.isnan(value)):
                 logger.log_scalar(key, value, step=frames)
-        if cfg.eval.every and frames // cfg.eval.every > (frames - batch.numel()) // cfg.eval.every:
+        # The last batch's evaluation is the final one below.
+        if cfg.eval.every and frames < cfg.total_frames and \
+                frames // cfg.eval.every > (frames - batch.numel()) // cfg.eval.every:
             log_eval(frames)
         pbar.update(batch.numel())
         pbar.set_postfix(ret=f"{row['train_return']:.1f}", lam=f"{row['multiplier']:.3g}",
@@ -135,9 +137,8 @@ def main(cfg: DictConfig) -> dict:
     greedy = evaluate(eval_env, actor, max_steps=horizon, deterministic=True)
     sampled = evaluate(eval_env, actor, max_steps=horizon, deterministic=False)
     final = greedy if cfg.eval.deterministic else sampled
-    if not curve or curve[-1][0] != frames:  # the curve ends on the final evaluation
-        curve.append((frames, final.mean().item()))
-        logger.log_scalar("eval_return", curve[-1][1], step=frames)
+    curve.append((frames, final.mean().item()))  # the curve ends on the final evaluation
+    logger.log_scalar("eval_return", curve[-1][1], step=frames)
     torch.save({"probs": policy.probs, "q": critic.q, "config": OmegaConf.to_container(cfg)},
                run_dir / "policy.pt")
 

@@ -55,6 +55,14 @@ def test_compare_writes_csv_plots_and_table(tmp_path):
     assert not (tmp_path / "Pendulum-v1" / "ppo").exists()
 
 
+@pytest.mark.parametrize("flag", ["--frames", "--eval-episodes", "--seeds", "--jobs"])
+def test_compare_refuses_a_non_positive_count(tmp_path, flag):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), flag, "0", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode != 0 and flag in proc.stderr and "positive integer" in proc.stderr
+    assert not (tmp_path / "runs.csv").exists()
+
+
 @pytest.mark.parametrize(("env", "finals", "expected"), [
     ("CartPole-v1", {"ot_trpo": [500, 500], "ppo": [500, 500], "a2c": [100, 120]}, "met"),  # a tie counts
     ("CartPole-v1", {"ot_trpo": [400, 500], "ppo": [450, 450]}, "not met: std above ppo"),
