@@ -2,8 +2,9 @@
 
 Both runs use the same recipe, collector, batch size, epochs, minibatches, networks and optimiser;
 only ``algo=`` differs. Runs alternate (ot_trpo, ppo, ot_trpo, ppo, ...) one at a time so that
-both see the same machine state; the figure is the recipe's own ``frames_per_s`` (training time:
-collection + updates, evaluations excluded), and the ratio is of the medians.
+both see the same machine state (in ABBA order); the figure is the recipe's own ``frames_per_s``
+(training time: collection + updates, evaluations excluded). Two ratios: of the medians, and the
+median over reps of each rep's OT-TRPO / PPO pair (robust to the machine's drift between reps).
 
     .venv/bin/python benchmarks/throughput.py                                # CartPole-v1 and Pendulum-v1
     .venv/bin/python benchmarks/throughput.py --envs Hopper-v5 --frames 40960 --reps 3
@@ -46,16 +47,20 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to every run")
     args = parser.parse_args()
 
-    lines = ["| env | OT-TRPO frames/s | PPO (ClipPPOLoss) frames/s | ratio OT-TRPO / PPO |", "|---|---|---|---|"]
+    lines = ["| env | OT-TRPO frames/s | PPO (ClipPPOLoss) frames/s | ratio of medians | median of paired ratios |",
+             "|---|---|---|---|---|"]
     for env in args.envs:
         fps: dict[str, list[float]] = {"ot_trpo": [], "ppo": []}
         for rep in range(args.reps):
-            for algo in fps:
+            # ABBA order: neither algorithm is always the one that runs second (warmer caches, drift).
+            for algo in (("ot_trpo", "ppo") if rep % 2 == 0 else ("ppo", "ot_trpo")):
                 fps[algo].append(run(env, algo, args.frames, rep, args.overrides))
                 print(f"{env} {algo} rep {rep}: {fps[algo][-1]:.0f} frames/s", flush=True)
         ot, ppo = statistics.median(fps["ot_trpo"]), statistics.median(fps["ppo"])
+        # Each rep's two runs are adjacent in time: their ratio cancels the machine's slow drift.
+        paired = statistics.median(o / p for o, p in zip(fps["ot_trpo"], fps["ppo"], strict=True))
         lines.append(f"| {env} | {ot:.0f} ({', '.join(f'{v:.0f}' for v in fps['ot_trpo'])}) | "
-                     f"{ppo:.0f} ({', '.join(f'{v:.0f}' for v in fps['ppo'])}) | {ot / ppo:.2f} |")
+                     f"{ppo:.0f} ({', '.join(f'{v:.0f}' for v in fps['ppo'])}) | {ot / ppo:.2f} | {paired:.2f} |")
     print()
     print(f"{args.frames} frames per run, {args.reps} runs each, medians (all runs in brackets); "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, one torch thread")

@@ -377,7 +377,9 @@ def main(cfg: DictConfig) -> dict:
     if cfg.estimator.lmbda is not None:
         estimator_kwargs["lmbda"] = cfg.estimator.lmbda
     loss_module.make_value_estimator(ValueEstimators[cfg.estimator.value_type], **estimator_kwargs)
-    optim = torch.optim.Adam(loss_module.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+    # fused: one kernel over all parameter tensors. The OT head's extra tensors otherwise cost a
+    # per-tensor Python loop on every minibatch step (the profile in docs/results.md, throughput).
+    optim = torch.optim.Adam(loss_module.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=cfg.adam_fused)
     obs_stats = new_obs_stats(obs_dim) if cfg.obs_norm.enabled else None
     if obs_stats is not None and cfg.num_collectors > 1:
         obs_stats.share_memory_()  # the worker processes update these very tensors
