@@ -5,6 +5,9 @@ only ``algo=`` differs. Runs alternate (ot_trpo, ppo, ot_trpo, ppo, ...) one at 
 both see the same machine state (in ABBA order); the figure is the recipe's own ``frames_per_s``
 (training time: collection + updates, evaluations excluded). Two ratios: of the medians, and the
 median over reps of each rep's OT-TRPO / PPO pair (robust to the machine's drift between reps).
+Each is given twice: for the training frames/s, and for the update alone (advantages, lambda*, the
+epochs; the summary's ``update_frames_per_s``), since collection's cost per frame depends on how
+often episodes end, i.e. on how fast each algorithm learns the env.
 
     .venv/bin/python benchmarks/throughput.py                                # CartPole-v1 and Pendulum-v1
     .venv/bin/python benchmarks/throughput.py --envs Hopper-v5 --frames 40960 --reps 3
@@ -27,7 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(env: str, algo: str, frames: int, seed: int, extra: list[str]) -> float:
+def run(env: str, algo: str, frames: int, seed: int, extra: list[str]) -> tuple[float, float]:
+    """(training frames/s, update-only frames/s) of one run."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, str(ROOT / "recipes" / "train.py"), f"env={env}", f"algo={algo}", f"seed={seed}",
                f"total_frames={frames}", f"eval_every={10 * frames}", f"checkpoint_every={10 * frames}",
@@ -36,7 +40,8 @@ def run(env: str, algo: str, frames: int, seed: int, extra: list[str]) -> float:
                               env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
         if proc.returncode != 0:
             raise RuntimeError(f"run failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-        return json.loads((Path(tmp) / "summary.json").read_text())["frames_per_s"]
+        summary = json.loads((Path(tmp) / "summary.json").read_text())
+        return summary["frames_per_s"], summary["update_frames_per_s"]
 
 
 def main() -> None:
@@ -47,24 +52,28 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to every run")
     args = parser.parse_args()
 
-    lines = ["| env | OT-TRPO frames/s | PPO (ClipPPOLoss) frames/s | ratio of medians | median of paired ratios |",
-             "|---|---|---|---|---|"]
+    header = ["| env | measure | OT-TRPO frames/s | PPO (ClipPPOLoss) frames/s | ratio of medians "
+              "| median of paired ratios |", "|---|---|---|---|---|---|"]
+    lines = []
     for env in args.envs:
-        fps: dict[str, list[float]] = {"ot_trpo": [], "ppo": []}
+        fps: dict[str, list[tuple[float, float]]] = {"ot_trpo": [], "ppo": []}
         for rep in range(args.reps):
             # ABBA order: neither algorithm is always the one that runs second (warmer caches, drift).
             for algo in (("ot_trpo", "ppo") if rep % 2 == 0 else ("ppo", "ot_trpo")):
                 fps[algo].append(run(env, algo, args.frames, rep, args.overrides))
-                print(f"{env} {algo} rep {rep}: {fps[algo][-1]:.0f} frames/s", flush=True)
-        ot, ppo = statistics.median(fps["ot_trpo"]), statistics.median(fps["ppo"])
-        # Each rep's two runs are adjacent in time: their ratio cancels the machine's slow drift.
-        paired = statistics.median(o / p for o, p in zip(fps["ot_trpo"], fps["ppo"], strict=True))
-        lines.append(f"| {env} | {ot:.0f} ({', '.join(f'{v:.0f}' for v in fps['ot_trpo'])}) | "
-                     f"{ppo:.0f} ({', '.join(f'{v:.0f}' for v in fps['ppo'])}) | {ot / ppo:.2f} | {paired:.2f} |")
+                print(f"{env} {algo} rep {rep}: {fps[algo][-1][0]:.0f} frames/s "
+                      f"(update only: {fps[algo][-1][1]:.0f})", flush=True)
+        for i, measure in enumerate(("training", "update only")):
+            ot_runs, ppo_runs = ([r[i] for r in fps[a]] for a in ("ot_trpo", "ppo"))
+            ot, ppo = statistics.median(ot_runs), statistics.median(ppo_runs)
+            # Each rep's two runs are adjacent in time: their ratio cancels the machine's slow drift.
+            paired = statistics.median(o / p for o, p in zip(ot_runs, ppo_runs, strict=True))
+            lines.append(f"| {env} | {measure} | {ot:.0f} ({', '.join(f'{v:.0f}' for v in ot_runs)}) | "
+                         f"{ppo:.0f} ({', '.join(f'{v:.0f}' for v in ppo_runs)}) | {ot / ppo:.2f} | {paired:.2f} |")
     print()
     print(f"{args.frames} frames per run, {args.reps} runs each, medians (all runs in brackets); "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, one torch thread")
-    print("\n".join(lines))
+    print("\n".join(header + lines))
 
 
 if __name__ == "__main__":

@@ -459,6 +459,7 @@ def main(cfg: DictConfig) -> dict:
                                  if cfg.num_collectors > 1 else {}))
         eval_time = 0.0
         for batch in collector:
+            update_start = time.perf_counter()  # the update's own time, apart from collection (throughput)
             frames += batch.numel()
             done = batch["next", "done"].squeeze(-1)
             episode_returns = batch["next", "episode_reward"].squeeze(-1)[done]
@@ -513,6 +514,7 @@ def main(cfg: DictConfig) -> dict:
             if log_scale is not None:  # the next batch is collected with the scheduled scale
                 with torch.no_grad():
                     log_scale.fill_(math.log(scheduled_scale(frames)))
+            row["update_time_s"] = time.perf_counter() - update_start
             updates.append(row)
             if cfg.num_collectors > 1:
                 collector.update_policy_weights_()
@@ -566,6 +568,11 @@ def main(cfg: DictConfig) -> dict:
         "wall_time_s": wall_before + time.perf_counter() - start,  # summed over a killed run and its resumption
         "train_time_s": train_time,
         "frames_per_s": frames / train_time,
+        # Advantages, lambda* and the epochs only: collection's cost depends on episode lengths (resets),
+        # so it differs between algorithms that learn at different speeds on the same env.
+        # (None when resumed from a checkpoint written before this was recorded.)
+        "update_frames_per_s": (frames / sum(u["update_time_s"] for u in updates)
+                                if all("update_time_s" in u for u in updates) else None),
         "mean_transport_over_epsilon": statistics.fmean(ratios) if ratios else None,
         "mean_multiplier": statistics.fmean(u["multiplier"] for u in updates) if ratios else None,
         "resumed": bool(cfg.resume),

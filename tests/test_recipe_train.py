@@ -16,7 +16,7 @@ RECIPE = ROOT / "recipes" / "train.py"
 # 4 batches of 256 frames (4 env copies x 64 steps), 2 epochs x 4 minibatches each, evaluations every 512.
 TINY = {"total_frames": 1024, "frames_per_batch": 256, "num_envs": 4, "num_epochs": 2, "num_minibatches": 4,
         "eval_every": 512, "eval_episodes": 2, "checkpoint_every": 512}
-SUMMARY_KEYS = {"final_return", "final_return_std", "frames", "wall_time_s", "frames_per_s",
+SUMMARY_KEYS = {"final_return", "final_return_std", "frames", "wall_time_s", "frames_per_s", "update_frames_per_s",
                 "mean_transport_over_epsilon", "env", "algo", "seed"}
 
 
@@ -50,6 +50,8 @@ def test_recipe_runs_and_writes_summary_plot_and_logs(tmp_path, env, algo, polic
     assert (summary["env"], summary["algo"], summary["policy"], summary["seed"]) == (env, algo, policy, 1)
     assert summary["frames"] == 1024 and summary["updates"] == 4
     assert summary["frames_per_s"] > 0 and summary["wall_time_s"] > 0
+    # the update's time is part of the training time (which adds collection)
+    assert summary["update_frames_per_s"] > summary["frames_per_s"]
     if algo == "ot_trpo":
         # lambda* > 0 makes the exact update move exactly epsilon; lambda* = 0 moves less.
         assert 0 < summary["mean_transport_over_epsilon"] <= 1 + 1e-6
