@@ -1,8 +1,8 @@
 """Throughput of recipes/train.py: OT-TRPO against TorchRL's ClipPPOLoss, side by side.
 
 Both runs use the same recipe, collector, batch size, epochs, minibatches, networks and optimiser;
-only ``algo=`` differs. Runs alternate (ot_trpo, ppo, ot_trpo, ppo, ...) one at a time so that
-both see the same machine state (in ABBA order); the figure is the recipe's own ``frames_per_s``
+only ``algo=`` differs. Runs alternate one at a time in ABBA order (ot_trpo, ppo, ppo, ot_trpo, ...)
+so that both see the same machine state; the figure is the recipe's own ``frames_per_s``
 (training time: collection + updates, evaluations excluded). Two ratios: of the medians, and the
 median over reps of each rep's OT-TRPO / PPO pair (robust to the machine's drift between reps).
 Each is given twice: for the training frames/s, and for the update alone (advantages, lambda*, the
@@ -27,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from compare import positive_int  # benchmarks/ is this script's own directory: on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,8 +49,8 @@ def run(env: str, algo: str, frames: int, seed: int, extra: list[str]) -> tuple[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--envs", nargs="+", default=["CartPole-v1", "Pendulum-v1"])
-    parser.add_argument("--frames", type=int, default=30720, help="frames per run")
-    parser.add_argument("--reps", type=int, default=3, help="runs per (env, algo)")
+    parser.add_argument("--frames", type=positive_int, default=30720, help="frames per run")
+    parser.add_argument("--reps", type=positive_int, default=3, help="runs per (env, algo)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to every run")
     args = parser.parse_args()
 

@@ -51,7 +51,7 @@ VIOLATION_RTOL = 1e-6
 def main(cfg: DictConfig) -> dict:
     if not cfg.epsilon > 0 or not math.isfinite(cfg.epsilon):
         raise ValueError(f"epsilon must be positive and finite, got {cfg.epsilon}")
-    if not (isinstance(cfg.eval.every, int) and cfg.eval.every >= 0):
+    if isinstance(cfg.eval.every, bool) or not (isinstance(cfg.eval.every, int) and cfg.eval.every >= 0):
         raise ValueError(f"eval.every must be an integer >= 0 (0: final evaluation only), got {cfg.eval.every!r}")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     torch.manual_seed(cfg.seed)

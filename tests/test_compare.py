@@ -63,6 +63,13 @@ def test_compare_refuses_a_non_positive_count(tmp_path, flag):
     assert not (tmp_path / "runs.csv").exists()
 
 
+@pytest.mark.parametrize("flag", ["--frames", "--reps"])
+def test_throughput_refuses_a_non_positive_count(flag):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), flag, "0"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode != 0 and flag in proc.stderr and "positive integer" in proc.stderr
+
+
 @pytest.mark.parametrize(("env", "finals", "expected"), [
     ("CartPole-v1", {"ot_trpo": [500, 500], "ppo": [500, 500], "a2c": [100, 120]}, "met"),  # a tie counts
     ("CartPole-v1", {"ot_trpo": [400, 500], "ppo": [450, 450]}, "not met: std above ppo"),

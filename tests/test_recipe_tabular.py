@@ -45,8 +45,9 @@ def test_recipe_refuses_bad_epsilon(tmp_path):
     assert proc.returncode != 0 and "epsilon" in proc.stderr
 
 
-def test_recipe_refuses_negative_eval_every(tmp_path):
-    proc = _run("eval.every=-5", "total_frames=1024", f"hydra.run.dir={tmp_path}")
+@pytest.mark.parametrize("every", ["-5", "true", "2.5"])
+def test_recipe_refuses_bad_eval_every(tmp_path, every):
+    proc = _run(f"eval.every={every}", "total_frames=1024", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0 and "eval.every" in proc.stderr
 
 
