@@ -2,7 +2,9 @@
 
 Both runs use the same recipe, collector, batch size, epochs, minibatches, networks and optimiser;
 only ``algo=`` differs. Runs alternate one at a time in ABBA order (ot_trpo, ppo, ppo, ot_trpo, ...)
-so that both see the same machine state; the figure is the recipe's own ``frames_per_s``
+so that both see the same machine state, or, with ``--concurrent``, each rep's pair runs at the same
+time, each pinned to its own core (swapped every rep): on a machine whose speed drifts from minute to
+minute that pairs them far more closely. The figure is the recipe's own ``frames_per_s``
 (training time: collection + updates, evaluations excluded). Two ratios: of the medians, and the
 median over reps of each rep's OT-TRPO / PPO pair (robust to the machine's drift between reps).
 Each is given twice: for the training frames/s, and for the update alone (advantages, lambda*, the
@@ -11,6 +13,7 @@ often episodes end, i.e. on how fast each algorithm learns the env.
 
     .venv/bin/python benchmarks/throughput.py                                # CartPole-v1 and Pendulum-v1
     .venv/bin/python benchmarks/throughput.py --envs Hopper-v5 --frames 40960 --reps 3
+    .venv/bin/python benchmarks/throughput.py --envs CartPole-v1 --reps 10 --concurrent
 
 Not a test: it asserts nothing.
 """
@@ -32,18 +35,41 @@ from compare import positive_int  # benchmarks/ is this script's own directory: 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(env: str, algo: str, frames: int, seed: int, extra: list[str]) -> tuple[float, float]:
-    """(training frames/s, update-only frames/s) of one run."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, str(ROOT / "recipes" / "train.py"), f"env={env}", f"algo={algo}", f"seed={seed}",
-               f"total_frames={frames}", f"eval_every={10 * frames}", f"checkpoint_every={10 * frames}",
-               "eval_episodes=1", "progress=false", f"hydra.run.dir={tmp}", *extra]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                              env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
-        if proc.returncode != 0:
-            raise RuntimeError(f"run failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-        summary = json.loads((Path(tmp) / "summary.json").read_text())
-        return summary["frames_per_s"], summary["update_frames_per_s"]
+def start(env: str, algo: str, frames: int, seed: int, extra: list[str], tmp: str,
+          core: int | None = None) -> subprocess.Popen:
+    """Launch one run into ``tmp`` (pinned to ``core`` if given)."""
+    cmd = [sys.executable, str(ROOT / "recipes" / "train.py"), f"env={env}", f"algo={algo}", f"seed={seed}",
+           f"total_frames={frames}", f"eval_every={10 * frames}", f"checkpoint_every={10 * frames}",
+           "eval_episodes=1", "progress=false", f"hydra.run.dir={tmp}", *extra]
+    pin = None if core is None else (lambda: os.sched_setaffinity(0, {core}))
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"), preexec_fn=pin)
+
+
+def finish(proc: subprocess.Popen, tmp: str) -> tuple[float, float]:
+    """(training frames/s, update-only frames/s) of a finished run."""
+    _, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"run failed: {' '.join(proc.args)}\n{stderr[-3000:]}")
+    summary = json.loads((Path(tmp) / "summary.json").read_text())
+    return summary["frames_per_s"], summary["update_frames_per_s"]
+
+
+def run_pair(env: str, order: tuple[str, str], frames: int, seed: int, extra: list[str],
+             concurrent: bool, swap_cores: bool) -> dict[str, tuple[float, float]]:
+    """One rep: the two algorithms one after the other in ``order``, or at the same time on cores 0 and 1."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp_a, tempfile.TemporaryDirectory() as tmp_b:
+        if concurrent:
+            cores = (1, 0) if swap_cores else (0, 1)
+            procs = [start(env, algo, frames, seed, extra, tmp, core)
+                     for algo, tmp, core in zip(order, (tmp_a, tmp_b), cores, strict=True)]
+            for algo, proc, tmp in zip(order, procs, (tmp_a, tmp_b), strict=True):
+                out[algo] = finish(proc, tmp)
+        else:
+            for algo, tmp in zip(order, (tmp_a, tmp_b), strict=True):
+                out[algo] = finish(start(env, algo, frames, seed, extra, tmp), tmp)
+    return out
 
 
 def main() -> None:
@@ -51,8 +77,13 @@ def main() -> None:
     parser.add_argument("--envs", nargs="+", default=["CartPole-v1", "Pendulum-v1"])
     parser.add_argument("--frames", type=positive_int, default=30720, help="frames per run")
     parser.add_argument("--reps", type=positive_int, default=3, help="runs per (env, algo)")
+    parser.add_argument("--concurrent", action="store_true",
+                        help="run each rep's two runs at the same time, pinned to cores 0 and 1 (swapped every rep), "
+                             "so that both see the same machine state; needs 2 cores")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to every run")
     args = parser.parse_args()
+    if args.concurrent and not (hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2):
+        parser.error("--concurrent needs 2 usable cores and os.sched_setaffinity (Linux)")
 
     header = ["| env | measure | OT-TRPO frames/s | PPO (ClipPPOLoss) frames/s | ratio of medians "
               "| median of paired ratios |", "|---|---|---|---|---|---|"]
@@ -61,10 +92,11 @@ def main() -> None:
         fps: dict[str, list[tuple[float, float]]] = {"ot_trpo": [], "ppo": []}
         for rep in range(args.reps):
             # ABBA order: neither algorithm is always the one that runs second (warmer caches, drift).
-            for algo in (("ot_trpo", "ppo") if rep % 2 == 0 else ("ppo", "ot_trpo")):
-                fps[algo].append(run(env, algo, args.frames, rep, args.overrides))
-                print(f"{env} {algo} rep {rep}: {fps[algo][-1][0]:.0f} frames/s "
-                      f"(update only: {fps[algo][-1][1]:.0f})", flush=True)
+            order = ("ot_trpo", "ppo") if rep % 2 == 0 else ("ppo", "ot_trpo")
+            for algo, result in run_pair(env, order, args.frames, rep, args.overrides, args.concurrent,
+                                         swap_cores=rep % 2 == 1).items():
+                fps[algo].append(result)
+                print(f"{env} {algo} rep {rep}: {result[0]:.0f} frames/s (update only: {result[1]:.0f})", flush=True)
         for i, measure in enumerate(("training", "update only")):
             ot_runs, ppo_runs = ([r[i] for r in fps[a]] for a in ("ot_trpo", "ppo"))
             ot, ppo = statistics.median(ot_runs), statistics.median(ppo_runs)
@@ -73,7 +105,8 @@ def main() -> None:
             lines.append(f"| {env} | {measure} | {ot:.0f} ({', '.join(f'{v:.0f}' for v in ot_runs)}) | "
                          f"{ppo:.0f} ({', '.join(f'{v:.0f}' for v in ppo_runs)}) | {ot / ppo:.2f} | {paired:.2f} |")
     print()
-    print(f"{args.frames} frames per run, {args.reps} runs each, medians (all runs in brackets); "
+    how = "each pair at the same time on two pinned cores" if args.concurrent else "one run at a time, ABBA order"
+    print(f"{args.frames} frames per run, {args.reps} runs each ({how}), medians (all runs in brackets); "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, one torch thread")
     print("\n".join(header + lines))
 

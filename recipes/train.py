@@ -94,6 +94,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 EVAL_SEED_OFFSET = 10_000
+# Batch entries that no loss reads once the advantages are computed (left out of the minibatches).
+UNUSED_AFTER_ADVANTAGES = ("next", "collector", "done", "terminated", "truncated", "episode_reward", "step_count")
 # VecNormV2 calls batched envs "experimental"; with reduce_batch_dims=True it averages over the copies.
 warnings.filterwarnings("ignore", message="Support of VecNormV2 for containers")
 
@@ -195,19 +197,45 @@ class ObsActionMLP(nn.Module):
 
 
 class ValueAndAdvantage(nn.Module):
-    """The critic V(s) and the categorical head A(s, .) as ONE module: two MLPs, no shared layers.
+    """The critic V(s) and the categorical head A(s, .) as ONE batched MLP: two tanh MLPs, no shared layers.
 
-    The same function and initial weights as a separate critic and head, with one TensorDict module call
-    per step instead of two; the head's own compute remains (docs/results.md, throughput). A shared
-    trunk would be cheaper, but the value regression, with returns in the hundreds on CliffWalking,
-    then swamps the head's and OT-TRPO stops learning there."""
+    Layer i of both networks is a single ``baddbmm`` on their weights stacked ``[2, in, out]``: half
+    the kernels, and half the parameter tensors for gradient clipping and Adam, of two separate MLPs,
+    and on a CPU a minibatch step costs about that (docs/results.md, throughput). The value's last
+    layer is padded with zero columns to the head's width; nothing reads those outputs, so their
+    gradients are zero, Adam leaves them at zero and the function is exactly the two MLPs'. Built
+    from the two ``MLP`` s (same depth and hidden sizes), whose initial weights it takes. A trunk
+    shared by V and A would be cheaper still, but the value regression, with returns in the hundreds
+    on CliffWalking, then swamps the head's and OT-TRPO stops learning there.
+    """
 
     def __init__(self, value: nn.Module, advantage: nn.Module) -> None:
         super().__init__()
-        self.value, self.advantage = value, advantage
+        layers = [[m for m in net.modules() if isinstance(m, nn.Linear)] for net in (value, advantage)]
+        shapes = [[(lin.in_features, lin.out_features) for lin in net] for net in layers]
+        if len(shapes[0]) != len(shapes[1]) or shapes[0][:-1] != shapes[1][:-1] or shapes[0][-1][0] != shapes[1][-1][0]:
+            raise ValueError(f"value and advantage MLPs need the same input and hidden sizes, got {shapes}")
+        self.out_features = (shapes[0][-1][1], shapes[1][-1][1])
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        for pair in zip(*layers, strict=True):
+            width = max(lin.out_features for lin in pair)
+            weight = torch.zeros(2, pair[0].in_features, width)
+            bias = torch.zeros(2, 1, width)
+            for i, lin in enumerate(pair):
+                weight[i, :, :lin.out_features] = lin.weight.detach().T
+                bias[i, 0, :lin.out_features] = lin.bias.detach()
+            self.weights.append(nn.Parameter(weight))
+            self.biases.append(nn.Parameter(bias))
 
     def forward(self, observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.value(observation), self.advantage(observation)
+        batch = observation.shape[:-1]
+        h = observation.reshape(1, -1, observation.shape[-1]).expand(2, -1, -1)
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
+            h = torch.baddbmm(bias, h, weight)
+            if i < len(self.weights) - 1:
+                h = torch.tanh(h)
+        n_value, n_adv = self.out_features
+        return h[0, :, :n_value].reshape(*batch, n_value), h[1, :, :n_adv].reshape(*batch, n_adv)
 
 
 def make_networks(env: TransformedEnv, cfg: DictConfig, policy: str):
@@ -488,8 +516,10 @@ def main(cfg: DictConfig) -> dict:
                            transport_over_epsilon=batch["ot_transport"].double().mean().item() / loss_module.epsilon)
 
             # The minibatches: SamplerWithoutReplacement over the batch (each epoch one permutation of it).
-            rb = ReplayBuffer(storage=TensorStorage(batch.reshape(-1)), sampler=SamplerWithoutReplacement(),
-                              batch_size=mb_size)
+            # With the advantages computed no loss reads the ("next", ...) step results, the done flags or the
+            # env's and collector's bookkeeping: leaving them out spares every minibatch their indexing.
+            rb = ReplayBuffer(storage=TensorStorage(batch.reshape(-1).exclude(*UNUSED_AFTER_ADVANTAGES)),
+                              sampler=SamplerWithoutReplacement(), batch_size=mb_size)
             sums: dict[str, float] = {}
             for _ in range(num_epochs):
                 for _ in range(num_minibatches):

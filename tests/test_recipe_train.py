@@ -168,14 +168,44 @@ def test_categorical_advantage_head_in_critic_equals_separate(tmp_path):
         summaries[head] = json.loads((run_dir / "summary.json").read_text())
         ckpts[head] = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert ckpts["in_critic"]["advantage"] is None and ckpts["separate"]["advantage"] is not None
-    # The same networks with the same initial weights, called as one module or two: the same run up to
-    # float rounding (the gradient-clipping norm sums the parameters in another order).
-    in_critic = {k.split("advantage.", 1)[1]: v for k, v in ckpts["in_critic"]["critic"].items() if "advantage." in k}
-    separate = {k.split("module.", 1)[1]: v for k, v in ckpts["separate"]["advantage"].items()}
-    assert in_critic.keys() == separate.keys() and len(separate) == 6  # 3 linear layers
-    for k, v in in_critic.items():
-        torch.testing.assert_close(v, separate[k], rtol=1e-4, atol=1e-5)
+    # The same networks with the same initial weights, batched into one module or called as two: the
+    # same run up to float rounding (other kernels, and the clipping norm sums in another order).
+    grouped = ckpts["in_critic"]["critic"]
+    separate = list(ckpts["separate"]["advantage"].values())
+    layers = list(zip(separate[::2], separate[1::2], strict=True))  # (weight, bias) of the 3 linear layers
+    assert len(layers) == 3
+    for i, (weight, bias) in enumerate(layers):
+        torch.testing.assert_close(grouped[f"module.weights.{i}"][1, :, :weight.shape[0]].T, weight,
+                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grouped[f"module.biases.{i}"][1, 0, :bias.shape[0]], bias, rtol=1e-4, atol=1e-5)
+    # The value's last layer is padded to the head's width: the padding never trains.
+    assert not grouped["module.weights.2"][0, :, 1:].any() and not grouped["module.biases.2"][0, 0, 1:].any()
     for key in ("final_return", "mean_transport_over_epsilon", "mean_multiplier"):
         assert summaries["in_critic"][key] == pytest.approx(summaries["separate"][key], rel=1e-4)
     proc = _run("env=CartPole-v1", "algo.advantage_head=both", f"hydra.run.dir={tmp_path / 'bad'}")
     assert proc.returncode != 0 and "advantage_head" in proc.stderr and "separate" in proc.stderr
+
+
+def test_value_and_advantage_is_the_two_mlps_batched():
+    import torch
+
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from train import ValueAndAdvantage, mlp
+
+    torch.manual_seed(0)
+    value, advantage = mlp(5, 1, [16, 8], 1.0), mlp(5, 3, [16, 8], 1.0)
+    for layer in (m for net in (value, advantage) for m in net.modules() if isinstance(m, torch.nn.Linear)):
+        torch.nn.init.normal_(layer.bias)  # nonzero biases: the batched module must add them per network
+    grouped = ValueAndAdvantage(value, advantage)
+    assert len(list(grouped.parameters())) == 6  # against 12 for the two MLPs
+    for shape in ([7, 5], [2, 7, 5], [5]):
+        obs = torch.randn(shape)
+        v, a = grouped(obs)
+        torch.testing.assert_close(v, value(obs), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, advantage(obs), rtol=1e-5, atol=1e-6)
+    # Gradients reach each network's own slice, and never the value's padding.
+    v, a = grouped(torch.randn(4, 5))
+    (v.sum() + a.sum()).backward()
+    assert not grouped.weights[2].grad[0, :, 1:].any() and grouped.weights[2].grad[1].abs().sum() > 0
+    with pytest.raises(ValueError, match="same input and hidden sizes"):
+        ValueAndAdvantage(mlp(5, 1, [16, 8], 1.0), mlp(5, 3, [16, 16], 1.0))

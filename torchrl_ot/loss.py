@@ -250,14 +250,15 @@ class OTTrustRegionLoss(ActorCriticLoss):
 
     def _current_dist(self, td: TensorDictBase):
         with self._params("actor_network"):
-            return self.actor_network.get_dist(td.select(*self.actor_network.in_keys, strict=False).copy())
+            # select() builds a new tensordict: what get_dist writes into it stays out of td.
+            return self.actor_network.get_dist(td.select(*self.actor_network.in_keys, strict=False))
 
     def _behaviour_dist(self, td: TensorDictBase):
         """pi_old from its stored parameters (loc/scale, logits); missing ones are computed by the current
         actor without gradient and written into ``td``, so that solve_multiplier records pi_old for the epochs."""
         if not all(td.get(k, None) is not None for k in self._dist_keys):
             with torch.no_grad(), self._params("actor_network"):
-                sub = td.select(*self.actor_network.in_keys, strict=False).copy()
+                sub = td.select(*self.actor_network.in_keys, strict=False)
                 self.actor_network.get_dist(sub)  # writes the distribution parameters into sub
             td.update(sub.select(*self._dist_keys))
         return self.actor_network.build_dist_from_params(td.select(*self._dist_keys).detach())
@@ -371,12 +372,15 @@ class OTTrustRegionLoss(ActorCriticLoss):
         states whose target differs from pi_old.
         """
         keys = self.tensor_keys
-        td = tensordict.clone(False)  # never mutate the caller's batch
+        td = tensordict
         needed = [keys.advantage, keys.multiplier, keys.split, keys.transport]
         needed += {"categorical": [keys.target_probs],
                    "sampled": [keys.candidates, keys.candidate_advantage]}.get(self.policy, [])
-        if any(td.get(k, None) is None for k in needed):
-            self.solve_multiplier(td)
+        if any(td.get(k, None) is None for k in [*needed, *self._dist_keys]):
+            # What follows then writes (lam*, pi_old's parameters): never into the caller's batch.
+            td = tensordict.clone(False)
+            if any(td.get(k, None) is None for k in needed):
+                self.solve_multiplier(td)
         batch, flat = td.shape, td.reshape(-1)
         dist = self._current_dist(flat)
         lam = flat.get(keys.multiplier).detach()
