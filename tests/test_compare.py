@@ -3,6 +3,7 @@ a tiny budget, every algorithm."""
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -68,6 +69,15 @@ def test_throughput_refuses_a_non_positive_count(flag):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), flag, "0"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode != 0 and flag in proc.stderr and "positive integer" in proc.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+def test_throughput_concurrent_refuses_a_single_core():
+    # Pinned to one core, the process cannot run a pair on two: refused before any run starts.
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--concurrent"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
+    assert proc.returncode != 0 and "--concurrent needs 2 usable cores" in proc.stderr
 
 
 @pytest.mark.parametrize(("env", "finals", "expected"), [

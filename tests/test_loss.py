@@ -344,6 +344,11 @@ def test_forward_does_not_mutate_input(policy):
     assert all(torch.isfinite(v).all() for v in out.values())
     loss.solve_multiplier(td)  # the documented writer
     assert {"advantage", "value_target", "ot_multiplier", "ot_split", "ot_transport"} <= set(td.keys())
+    # A solved batch is read as is (no copy); one without pi_old's parameters gets them on a copy.
+    for batch in (td, td.exclude(*loss._dist_keys)):
+        before = batch.clone()
+        loss(batch)
+        assert set(batch.keys(True, True)) == set(before.keys(True, True)) and (batch == before).all()
 
 
 @pytest.mark.parametrize("value_type", [ValueEstimators.TD0, ValueEstimators.TD1, ValueEstimators.TDLambda,
