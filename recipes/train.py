@@ -215,6 +215,10 @@ class ValueAndAdvantage(nn.Module):
         shapes = [[(lin.in_features, lin.out_features) for lin in net] for net in layers]
         if len(shapes[0]) != len(shapes[1]) or shapes[0][:-1] != shapes[1][:-1] or shapes[0][-1][0] != shapes[1][-1][0]:
             raise ValueError(f"value and advantage MLPs need the same input and hidden sizes, got {shapes}")
+        activations = {type(m) for net in (value, advantage) for m in net.modules()
+                       if not isinstance(m, (nn.Linear, nn.Sequential))}
+        if activations != {nn.Tanh}:  # forward applies tanh between the batched layers
+            raise ValueError(f"value and advantage MLPs must use Tanh activations only, got {activations}")
         self.out_features = (shapes[0][-1][1], shapes[1][-1][1])
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
         for pair in zip(*layers, strict=True):

@@ -209,3 +209,7 @@ def test_value_and_advantage_is_the_two_mlps_batched():
     assert not grouped.weights[2].grad[0, :, 1:].any() and grouped.weights[2].grad[1].abs().sum() > 0
     with pytest.raises(ValueError, match="same input and hidden sizes"):
         ValueAndAdvantage(mlp(5, 1, [16, 8], 1.0), mlp(5, 3, [16, 16], 1.0))
+    relu = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8),
+                               torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    with pytest.raises(ValueError, match="Tanh activations only"):
+        ValueAndAdvantage(mlp(5, 1, [16, 8], 1.0), relu)
