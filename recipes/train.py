@@ -322,8 +322,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def truncate_csv_logs(log_dir: Path, frames: int) -> None:
-    """On resume, drop CSV rows logged after the checkpoint (the killed run's lost tail), so that each
-    step appears once."""
+    """Drop CSV rows logged after ``frames``: on resume the killed run's lost tail, so that each step
+    appears once; with ``frames=-1`` every row (a fresh run in a used directory)."""
     for csv_file in (log_dir / "scalars").glob("*.csv") if (log_dir / "scalars").is_dir() else []:
         rows = [r for r in csv_file.read_text().splitlines() if r and float(r.split(",")[0]) <= frames]
         csv_file.write_text("".join(r + "\n" for r in rows))
@@ -452,6 +452,10 @@ def main(cfg: DictConfig) -> dict:
         print(f"resumed from {ckpt_path} at {frames} frames")
     elif cfg.resume:
         print(f"resume=true but no checkpoint at {ckpt_path}: starting from scratch")
+    if frames == 0 and cfg.logger.backend == "csv":
+        # A fresh run in a used run directory: TorchRL's CSV logger appends, so an earlier run's rows
+        # would otherwise precede this run's in every curve.
+        truncate_csv_logs(run_dir / "logs", -1)
 
     try:
         logger = get_logger(cfg.logger.backend, logger_name=str(run_dir), experiment_name="logs",
@@ -518,6 +522,8 @@ def main(cfg: DictConfig) -> dict:
                 # The update's own transport (WPO's no-split plan can exceed epsilon; OT-TRPO's cannot).
                 row.update(multiplier=sol.multiplier.item(), epsilon=loss_module.epsilon,
                            transport_over_epsilon=batch["ot_transport"].double().mean().item() / loss_module.epsilon)
+                if cfg.algo.enforce_radius:
+                    theta_old = loss_module.actor_parameters()
 
             # The minibatches: SamplerWithoutReplacement over the batch (each epoch one permutation of it).
             # With the advantages computed no loss reads the ("next", ...) step results, the done flags or the
@@ -545,6 +551,14 @@ def main(cfg: DictConfig) -> dict:
                         ("loss_objective", "loss_critic", "loss_entropy", "ot_active_fraction", "grad_norm",
                          "clip_fraction", "kl_approx", "entropy")})
             row["lr"] = optim.param_groups[0]["lr"]
+            if ot_family:  # what the fitted network moved (exact, or a bound), against the radius
+                if cfg.algo.enforce_radius:  # backtrack the actor's step until it is inside (or undo it)
+                    proj = loss_module.project_into_trust_region(batch, theta_old)
+                    moved = proj["realised_transport"]
+                    row["step_fraction"] = proj["step_fraction"].item()
+                else:
+                    moved = loss_module.realised_transport(batch)
+                row["realised_transport_over_epsilon"] = moved.item() / loss_module.epsilon
             if log_scale is not None:  # the next batch is collected with the scheduled scale
                 with torch.no_grad():
                     log_scale.fill_(math.log(scheduled_scale(frames)))
@@ -583,6 +597,7 @@ def main(cfg: DictConfig) -> dict:
     # --- summary and learning curve ----------------------------------------------------------
     final = history[-1]
     ratios = [u["transport_over_epsilon"] for u in updates if "transport_over_epsilon" in u]
+    realised = [u["realised_transport_over_epsilon"] for u in updates if "realised_transport_over_epsilon" in u]
     summary = {
         "env": cfg.env.name,
         "algo": algo,
@@ -608,6 +623,12 @@ def main(cfg: DictConfig) -> dict:
         "update_frames_per_s": (frames / sum(u["update_time_s"] for u in updates)
                                 if all("update_time_s" in u for u in updates) else None),
         "mean_transport_over_epsilon": statistics.fmean(ratios) if ratios else None,
+        # The fitted network's own transport (Problem (P)'s constraint; exact for categorical policies, an
+        # upper bound for Gaussian ones): the share of updates that provably stayed inside the radius.
+        "mean_realised_transport_over_epsilon": statistics.fmean(realised) if realised else None,
+        "max_realised_transport_over_epsilon": max(realised) if realised else None,
+        "realised_within_epsilon_fraction": (statistics.fmean(r <= 1 + 1e-6 for r in realised)
+                                             if realised else None),
         "mean_multiplier": statistics.fmean(u["multiplier"] for u in updates) if ratios else None,
         "resumed": bool(cfg.resume),
     }

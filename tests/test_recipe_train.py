@@ -70,7 +70,29 @@ def test_recipe_runs_and_writes_summary_plot_and_logs(tmp_path, env, algo, polic
         assert all(v <= 0.01 + 1e-6 for _, v in _csv(scalars / "kl.csv"))  # max_kl
     if algo in ("ot_trpo", "wpo"):
         assert all(v > 0 for _, v in _csv(scalars / "transport_over_epsilon.csv"))
+        # the fitted network's own transport, measured after every update
+        realised = [v for _, v in _csv(scalars / "realised_transport_over_epsilon.csv")]
+        assert len(realised) == 4 and all(v > 0 for v in realised)
+        assert summary["max_realised_transport_over_epsilon"] == pytest.approx(max(realised))
+    else:
+        assert summary["mean_realised_transport_over_epsilon"] is None
     assert "run directory" in proc.stdout and '"final_return"' in proc.stdout
+
+
+@pytest.mark.parametrize("env", ["CartPole-v1", "Pendulum-v1"])
+def test_enforce_radius_keeps_every_network_update_inside(tmp_path, env):
+    # A learning rate at which the tiny run's fit overshoots the radius (without the projection: up to 2.0
+    # epsilon on CartPole, 2.1 on Pendulum), so that the projection has something to do.
+    proc = _run(f"env={env}", *_tiny(), "algo.enforce_radius=true", "lr=0.01", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scalars = tmp_path / "logs" / "scalars"
+    realised = [v for _, v in _csv(scalars / "realised_transport_over_epsilon.csv")]
+    fractions = [v for _, v in _csv(scalars / "step_fraction.csv")]
+    assert len(realised) == len(fractions) == 4
+    assert all(v <= 1 + 1e-9 for v in realised)
+    assert any(f < 1 for f in fractions)  # at least one step was shortened (else the test shows nothing)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["realised_within_epsilon_fraction"] == 1.0
 
 
 def _assert_same_run(a: Path, b: Path):
@@ -96,6 +118,16 @@ def test_resume_after_stop_matches_uninterrupted_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and "at 512 frames" in proc.stdout
     _assert_same_run(a, b)
+
+
+def test_fresh_run_in_a_used_directory_starts_clean_curves(tmp_path):
+    # TorchRL's CSV logger appends: without resume=true an earlier run's rows must not stay in the curves.
+    common = ["env=Pendulum-v1", *_tiny(total_frames=512), "seed=2", f"hydra.run.dir={tmp_path}"]
+    for _ in range(2):
+        proc = _run(*common)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [step for step, _ in _csv(tmp_path / "logs" / "scalars" / "eval_return.csv")] == [0, 512]
+    assert len(_csv(tmp_path / "logs" / "scalars" / "loss_critic.csv")) == 2  # two updates, once
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
+from torch import nn
 from torchrl.objectives.common import LossModule
 from torchrl.objectives.utils import ValueEstimators, _cache_values, _get_default_device, dispatch_value_estimator
 
@@ -39,3 +40,8 @@ class ActorCriticLoss(LossModule):
         if not self.functional:
             return contextlib.nullcontext()
         return getattr(self, f"{name}_params").to_module(getattr(self, name), preserve_module_state=False)
+
+    def _actor_params(self) -> list[nn.Parameter]:
+        # The very Parameter objects the actor runs with (functional: those loaded by to_module).
+        values = self.actor_network_params.values(True, True) if self.functional else self.actor_network.parameters()
+        return [p for p in values if isinstance(p, nn.Parameter) and p.requires_grad]

@@ -20,11 +20,14 @@ from torchrl_ot.costs import TransportCost
 from torchrl_ot.functional import (
     DualSolution,
     _check_epsilon,
+    categorical_transport,
+    gaussian_transport_bound,
     solve_dual,
     tabular_ot_update,
     tabular_problem,
     transport_plan,
 )
+from torchrl_ot.trpo import get_flat_params, set_flat_params
 
 __all__ = ["OTTrustRegionLoss"]
 
@@ -35,6 +38,26 @@ def _deterministic(dist) -> Tensor:
     """The deterministic action m(s) of a distribution (TanhNormal: tanh of the loc; Normal: its mean)."""
     sample = getattr(dist, "deterministic_sample", None)
     return dist.mean if sample is None else sample
+
+
+def _gaussian_params(dist) -> tuple[Tensor, Tensor]:
+    """(loc, scale) of the Gaussian under a Normal, Independent(Normal) or TanhNormal distribution."""
+    base = dist
+    for attr in ("root_dist", "base_dist"):
+        while hasattr(base, attr) and not isinstance(base, torch.distributions.Normal):
+            base = getattr(base, attr)
+    if not isinstance(base, torch.distributions.Normal):
+        raise ValueError(f"realised_transport needs a categorical or a (Tanh)Normal policy, got {type(dist).__name__}")
+    return base.loc, base.scale
+
+
+def _lipschitz(dist) -> Tensor:
+    """Per-coordinate Lipschitz constant of the map from the Gaussian to the action: (high - low) / 2 for
+    TorchRL's TanhNormal (tanh, then affine onto [low, high]), 1 for a plain Normal."""
+    low, high = getattr(dist, "low", None), getattr(dist, "high", None)
+    if isinstance(dist, torch.distributions.TransformedDistribution) and low is not None and high is not None:
+        return ((high - low) / 2).to(dist.loc.dtype)
+    return torch.ones(())
 
 
 class OTTrustRegionLoss(ActorCriticLoss):
@@ -357,6 +380,78 @@ class OTTrustRegionLoss(ActorCriticLoss):
         for key, value in written.items():
             tensordict.set(key, value)
         return sol
+
+    @torch.no_grad()
+    def realised_transport(self, tensordict: TensorDictBase) -> Tensor:
+        """The trust-region constraint of Problem (P) for the CURRENT network: ``(1/B) sum_b C(pi_old(.|s_b),
+        pi_theta(.|s_b))`` over the batch's states, C the OT discrepancy of eq. 1 under ``cost``.
+
+        ``ot_transport`` is the transport of the exact update (eq. 9-10), which the network is fitted to;
+        this is what the fitted network actually moved, so ``realised_transport(batch) <= epsilon`` is the
+        check that an update stayed inside its trust region. Call it after the optimisation epochs on the
+        batch that :meth:`solve_multiplier` recorded pi_old in. "categorical": exact
+        (:func:`~torchrl_ot.functional.categorical_transport`); Normal / TanhNormal policies: an upper bound
+        through the synchronous coupling (:func:`~torchrl_ot.functional.gaussian_transport_bound`), so a
+        value <= epsilon proves the update inside. Returns a float64 scalar.
+        """
+        if not all(tensordict.get(k, None) is not None for k in self._dist_keys):
+            raise ValueError(f"realised_transport needs pi_old's parameters {self._dist_keys} in the batch: call "
+                             "solve_multiplier on it before the update")
+        flat = tensordict.reshape(-1)
+        old = self.actor_network.build_dist_from_params(flat.select(*self._dist_keys))
+        new = self._current_dist(flat)
+        if self.policy == "categorical":
+            n = old.probs.shape[-1]
+            per_state = categorical_transport(old.probs.double(), new.probs.double(),
+                                              self.cost.matrix(n).to(old.probs.device))
+            return per_state.mean()
+        (loc0, scale0), (loc1, scale1) = (_gaussian_params(d) for d in (old, new))
+        per_state = gaussian_transport_bound(loc0.double(), scale0.double(), loc1.double(), scale1.double(),
+                                             self.cost, _lipschitz(new).double())
+        return per_state.mean()
+
+    def actor_parameters(self) -> Tensor:
+        """The actor's parameters as one detached vector: take it before the epochs, for
+        :meth:`project_into_trust_region`."""
+        return get_flat_params(self._actor_params())
+
+    @torch.no_grad()
+    def project_into_trust_region(self, tensordict: TensorDictBase, theta_old: Tensor, *,
+                                  backtrack_coeff: float = 0.8, max_backtracks: int = 10) -> TensorDictBase:
+        """Make the fitted update satisfy Problem (P)'s constraint on the batch: after the epochs, keep the
+        largest step ``theta_old + backtrack_coeff**i (theta - theta_old)``, ``i = 0..max_backtracks``, whose
+        :meth:`realised_transport` is at most ``epsilon``; if none is, restore ``theta_old`` (no update, zero
+        transport). The actor's parameters change in place; the critics are untouched.
+
+        This is how the network update is kept *provably* inside the trust region (exactly for categorical
+        policies; through an upper bound for Gaussian ones): the paper's step 5 fits the network to the exact
+        update by gradient steps, and nothing in that fit bounds what the network moves at the batch's states
+        (measured: 1.1-1.8 epsilon on CartPole). Returns ``realised_transport`` (of the kept parameters),
+        ``step_fraction`` (the kept fraction of the step: 1, a power of ``backtrack_coeff``, or 0) and
+        ``backtracks``.
+        """
+        if not 0 < backtrack_coeff < 1:
+            raise ValueError(f"backtrack_coeff must lie in (0, 1), got {backtrack_coeff!r}")
+        if isinstance(max_backtracks, bool) or not isinstance(max_backtracks, int) or max_backtracks < 0:
+            raise ValueError(f"max_backtracks must be a non-negative int, got {max_backtracks!r}")
+        params = self._actor_params()
+        theta_new = get_flat_params(params)
+        if theta_old.shape != theta_new.shape:
+            raise ValueError(f"theta_old must be the actor's flat parameters ({theta_new.numel()} entries, from "
+                             f"actor_parameters()), got shape {tuple(theta_old.shape)}")
+        step = theta_new - theta_old
+        for i in range(max_backtracks + 1):
+            fraction = backtrack_coeff**i
+            if i:
+                set_flat_params(params, theta_old + fraction * step)
+            moved = self.realised_transport(tensordict)
+            if bool(moved <= self.epsilon):
+                break
+        else:
+            set_flat_params(params, theta_old)
+            moved, fraction, i = self.realised_transport(tensordict), 0.0, max_backtracks + 1
+        return TensorDict({"realised_transport": moved, "step_fraction": torch.tensor(float(fraction)),
+                           "backtracks": torch.tensor(i)}, batch_size=[])
 
     # ---------------------------------------------------------------------------------------------
     # step 5: the loss

@@ -10,7 +10,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase, TensorDictParams
 from tensordict.nn import ProbabilisticTensorDictModule, TensorDictModule, dispatch
 from tensordict.utils import NestedKey
-from torch import Tensor, nn
+from torch import Tensor
 from torch.distributions import Distribution, kl_divergence
 from torch.nn.utils import parameters_to_vector
 from torchrl.modules.distributions.utils import has_analytic_entropy
@@ -224,11 +224,6 @@ class TRPOLoss(ActorCriticLoss):
     @property
     def out_keys(self) -> list[str]:
         return ["loss_objective", "loss_critic", "kl", *(["entropy"] if self.entropy_coeff is not None else [])]
-
-    def _actor_params(self) -> list[nn.Parameter]:
-        # The very Parameter objects the actor runs with (functional: those loaded by to_module).
-        values = self.actor_network_params.values(True, True) if self.functional else self.actor_network.parameters()
-        return [p for p in values if isinstance(p, nn.Parameter) and p.requires_grad]
 
     def _current_dist(self, td: TensorDictBase) -> Distribution:
         with self._params("actor_network"):
