@@ -202,6 +202,63 @@ def test_gaussian_hinge_matches_hand_computation():
     assert _none_or_zero([lin.weight.grad[1], lin.bias.grad[1]])  # the scale does not enter the hinge
 
 
+def test_gaussian_mirror_candidate_matches_hand_computation():
+    # As above, plus the mirrored candidate 2 m_old - a_b with advantage -A_b (plain Normal: no box to clamp to).
+    obs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, -1.0], [-1.0, 0.5]])
+    action = torch.tensor([[0.9], [-0.4], [1.3], [0.2], [-0.8]])
+    adv = torch.tensor([1.0, -2.5, 2.0, 0.3, -1.0])
+    eps = 0.05
+
+    def actor(w, b):
+        lin = nn.Linear(2, 2)
+        with torch.no_grad():
+            lin.weight.copy_(torch.stack([w, torch.zeros(2)]))
+            lin.bias.copy_(torch.tensor([b, 0.0]))
+        return _gaussian_actor(2, linear=lin), lin
+
+    td = TensorDict({"observation": obs, "action": action, "advantage": adv[:, None],
+                     "value_target": torch.zeros(5, 1)}, batch_size=[5])
+    critic = ValueOperator(nn.Linear(2, 1), in_keys=["observation"])
+    w_old, b_old = torch.tensor([0.2, -0.1]), 0.1
+    sol = OTTrustRegionLoss(actor(w_old, b_old)[0], critic, cost=EuclideanCost(), epsilon=eps,
+                            mirror=True).solve_multiplier(td)
+    m_old = obs @ w_old + b_old
+    image = 2 * m_old - action[:, 0]
+    torch.testing.assert_close(td["ot_candidates"][:, 0], image)
+    # lam* by brute force over the three-candidate dual: each sample's max(A - lam c, 0, -A - lam c') with
+    # c' = c (a mirror is as far from the mean as the action): the hinge of |A_b|.
+    c_old = (m_old - action[:, 0]) ** 2
+    G = lambda lam: lam * eps + (adv.abs() - lam * c_old).clamp_min(0).mean()
+    lam = min([0.0] + [float(a.abs() / c) for a, c in zip(adv, c_old, strict=True)], key=G)
+    assert lam > 0
+    torch.testing.assert_close(sol.multiplier.float(), torch.tensor(lam))
+
+    new_actor, lin = actor(torch.tensor([0.5, 0.3]), 0.2)
+    out = OTTrustRegionLoss(new_actor, critic, cost=EuclideanCost(), epsilon=eps, mirror=True)(td)
+    m = obs @ torch.tensor([0.5, 0.3]) + 0.2
+    term = torch.maximum(adv - lam * (m - action[:, 0]) ** 2, -adv - lam * (m - image) ** 2)
+    assert bool((adv < 0).any() & (term > 0).any())
+    torch.testing.assert_close(out["loss_objective"], -term.clamp_min(0).mean())
+    with pytest.raises(ValueError, match="mirror"):
+        _make_loss("categorical", mirror=True)
+
+
+def test_gaussian_mirror_is_clamped_to_the_action_box():
+    net = TensorDictModule(nn.Sequential(nn.Linear(OBS, 2), NormalParamExtractor()), ["observation"], ["loc", "scale"])
+    actor = ProbabilisticActor(net, in_keys=["loc", "scale"], distribution_class=TanhNormal)
+    loss = OTTrustRegionLoss(actor, ValueOperator(nn.Linear(OBS, 1), in_keys=["observation"]), cost=EuclideanCost(),
+                             epsilon=0.01, mirror=True)
+    td = _data("gaussian", batch=(64,))
+    td["action"] = td["action"].clamp(-0.999, 0.999)
+    td["advantage"] = torch.randn(64, 1)
+    td["value_target"] = torch.zeros(64, 1)
+    loss.solve_multiplier(td)
+    image = td["ot_candidates"]
+    assert bool((image.abs() <= 1).all())
+    m = torch.tanh(td["loc"])
+    torch.testing.assert_close(image, (2 * m - td["action"]).clamp(-1, 1))
+
+
 def test_categorical_target_matches_tabular_update():
     torch.manual_seed(1)
     eps = 0.05

@@ -40,6 +40,16 @@ def _deterministic(dist) -> Tensor:
     return dist.mean if sample is None else sample
 
 
+def _mirror(dist, mean: Tensor, action: Tensor) -> Tensor:
+    """``2 m - a``, the mirror image of the action through the deterministic action, clamped to the
+    distribution's action box [low, high] when it has one (TanhNormal)."""
+    image = 2 * mean - action
+    low, high = getattr(dist, "low", None), getattr(dist, "high", None)
+    if low is not None and high is not None:
+        image = torch.maximum(torch.minimum(image, high), low)
+    return image
+
+
 def _gaussian_params(dist) -> tuple[Tensor, Tensor]:
     """(loc, scale) of the Gaussian under a Normal, Independent(Normal) or TanhNormal distribution."""
     base = dist
@@ -72,7 +82,11 @@ class OTTrustRegionLoss(ActorCriticLoss):
       and the behaviour mean ``m_old(s_b)`` (advantage 0, cost 0): a hinge dual. The loss is
       ``-(1/B) sum_b max(A_b - lam* c(m_theta(s_b), a_b), 0)`` with ``m_theta`` the current policy's
       deterministic action. Note: when lam* = 0 (trust region not binding) this has no gradient;
-      choose ``epsilon`` below the mean transport to positive-advantage actions.
+      choose ``epsilon`` below the mean transport to positive-advantage actions. ``mirror=True`` (not in
+      the paper) adds a third candidate, the mirror image ``2 m_old(s_b) - a_b`` (clamped to the action box)
+      with the first-order advantage ``-A_b`` (for A locally linear in the action around the mean), so that
+      negative-advantage samples push the mean away as positive ones pull it; the loss becomes
+      ``max(A_b - lam* c(m_theta, a_b), 0, -A_b - lam* c(m_theta, 2 m_old - a_b))``.
     * ``"categorical"`` (step 5 case 2; discrete actions, needs a discrete ``cost``): an advantage
       head ``advantage_network`` writes ``h(s, .)`` ``[..., A]``, centred under the behaviour policy,
       ``A(s, .) = h(s, .) - sum_a pi_old(a|s) h(s, a)``. The mass-split target ``pi*`` (eq. 9-10) comes
@@ -99,6 +113,8 @@ class OTTrustRegionLoss(ActorCriticLoss):
     Departure from the paper: its step 5 is an exact argmax for a fixed lam*; several epochs of
     minibatch SGD on that fixed lam* only approximate it, so the realised transport of the fitted
     network may differ from ``epsilon`` (``ot_transport`` reports the *exact* update's transport).
+    :meth:`realised_transport` measures what the network moved, and :meth:`project_into_trust_region`
+    backtracks the actor's step until it is inside the radius (an addition to the paper's step 5).
 
     Args:
         actor_network: a ``ProbabilisticActor`` (Normal/TanhNormal for "gaussian" and "sampled",
@@ -191,6 +207,7 @@ class OTTrustRegionLoss(ActorCriticLoss):
         advantage_network: TensorDictModule | None = None,
         num_candidates: int = 8,
         split: bool = True,
+        mirror: bool = False,
         entropy_coeff: float | None = None,
         critic_coeff: float = 1.0,
         loss_critic_type: str = "l2",
@@ -217,6 +234,9 @@ class OTTrustRegionLoss(ActorCriticLoss):
         if not isinstance(split, bool) or (not split and policy != "categorical"):
             raise ValueError(f"split=False (the WPO rule) needs policy='categorical', got split={split!r}, "
                              f"policy={policy!r}")
+        if not isinstance(mirror, bool) or (mirror and policy != "gaussian"):
+            raise ValueError(f"mirror=True (the mirrored candidate) needs policy='gaussian', got mirror={mirror!r}, "
+                             f"policy={policy!r}")
         if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
             raise ValueError(f"num_candidates must be a positive int, got {num_candidates!r}")
         for name, value, valid in (("loss_critic_type", loss_critic_type, ("l1", "l2", "smooth_l1")),
@@ -237,7 +257,7 @@ class OTTrustRegionLoss(ActorCriticLoss):
         if not functional:
             self.target_critic_network_params = None  # read by the value estimator call, as in A2C
         self.cost, self.epsilon, self.policy, self.num_candidates = cost, epsilon, policy, num_candidates
-        self.split = split
+        self.split, self.mirror = split, mirror
         self._head_name = "critic_network" if head_in_critic else "advantage_network"
         self.loss_critic_type, self.reduction = loss_critic_type, reduction
         device = _get_default_device(self)
@@ -358,8 +378,14 @@ class OTTrustRegionLoss(ActorCriticLoss):
                 if self.policy == "gaussian":
                     # Candidates [a_b, m_old(s_b)]: advantages [A_b, 0], costs [c(m_old, a_b), 0].
                     zero = torch.zeros_like(adv)
+                    mean = _deterministic(old)
                     cand_adv = torch.stack([adv, zero], -1)
-                    cost = torch.stack([self.cost(_deterministic(old), action).double(), zero], -1)
+                    cost = torch.stack([self.cost(mean, action).double(), zero], -1)
+                    if self.mirror:  # a third: the mirror image of a_b through m_old, advantage -A_b
+                        image = _mirror(old, mean, action)
+                        cand_adv = torch.cat([cand_adv, -adv[:, None]], -1)
+                        cost = torch.cat([cost, self.cost(mean, image).double()[:, None]], -1)
+                        written[keys.candidates] = image.reshape(*batch, *image.shape[1:])
                 else:
                     # K draws from pi_old plus a_b itself (cost 0 from a_b: the dual is always feasible).
                     cands = torch.cat([old.sample((self.num_candidates,)).transpose(0, 1), action.unsqueeze(1)], 1)
@@ -471,6 +497,7 @@ class OTTrustRegionLoss(ActorCriticLoss):
         needed = [keys.advantage, keys.multiplier, keys.split, keys.transport]
         needed += {"categorical": [keys.target_probs],
                    "sampled": [keys.candidates, keys.candidate_advantage]}.get(self.policy, [])
+        needed += [keys.candidates] if self.mirror else []
         if any(td.get(k, None) is None for k in [*needed, *self._dist_keys]):
             # What follows then writes (lam*, pi_old's parameters): never into the caller's batch.
             td = tensordict.clone(False)
@@ -497,7 +524,10 @@ class OTTrustRegionLoss(ActorCriticLoss):
         else:
             if self.policy == "gaussian":
                 # The hinge of step 5 case 3: max(A_b - lam* c(m_theta(s_b), a_b), 0).
-                term = adv - lam * self.cost(_deterministic(dist), action)
+                mean = _deterministic(dist)
+                term = adv - lam * self.cost(mean, action)
+                if self.mirror:  # ... and the mirrored candidate: max(., -A_b - lam* c(m_theta, image_b))
+                    term = torch.maximum(term, -adv - lam * self.cost(mean, flat.get(keys.candidates)))
                 objective, active = term.clamp_min(0), term > 0
             else:
                 cands = flat.get(keys.candidates)
