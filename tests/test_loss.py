@@ -66,6 +66,15 @@ def _make_loss(policy, *, obs_dim=OBS, epsilon=0.01, **kwargs):
                              **kwargs)
 
 
+def _fixed_actor(w, b):
+    """Gaussian actor on 2-d observations with loc = w . s + b and a constant scale (row 1 of the Linear is 0)."""
+    lin = nn.Linear(2, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.stack([w, torch.zeros(2)]))
+        lin.bias.copy_(torch.tensor([b, 0.0]))
+    return _gaussian_actor(2, linear=lin), lin
+
+
 def _data(policy, batch=(6,), seed=0, with_next=False):
     g = torch.Generator().manual_seed(seed)
     if policy == "categorical":
@@ -162,17 +171,11 @@ def test_gaussian_hinge_matches_hand_computation():
     eps = 0.05
     w_old, b_old = torch.tensor([0.2, -0.1]), 0.1
 
-    def actor(w, b):
-        lin = nn.Linear(2, 2)
-        with torch.no_grad():
-            lin.weight.copy_(torch.stack([w, torch.zeros(2)]))
-            lin.bias.copy_(torch.tensor([b, 0.0]))
-        return _gaussian_actor(2, linear=lin), lin
 
     td = TensorDict({"observation": obs, "action": action, "advantage": adv[:, None],
                      "value_target": torch.zeros(4, 1)}, batch_size=[4])
     critic = ValueOperator(nn.Linear(2, 1), in_keys=["observation"])
-    old_loss = OTTrustRegionLoss(actor(w_old, b_old)[0], critic, cost=EuclideanCost(), epsilon=eps)
+    old_loss = OTTrustRegionLoss(_fixed_actor(w_old, b_old)[0], critic, cost=EuclideanCost(), epsilon=eps)
     sol = old_loss.solve_multiplier(td)
 
     # lam* by brute force: G is piecewise linear and convex, minimised at 0 or a breakpoint A_b / c_b.
@@ -186,7 +189,7 @@ def test_gaussian_hinge_matches_hand_computation():
 
     # A later epoch: the actor has moved (m_theta != m_old) and the stored lam* is used as data.
     w_new, b_new = torch.tensor([0.5, 0.3]), 0.2
-    new_actor, lin = actor(w_new, b_new)
+    new_actor, lin = _fixed_actor(w_new, b_new)
     loss = OTTrustRegionLoss(new_actor, critic, cost=EuclideanCost(), epsilon=eps)
     out = loss(td)
     m = obs @ w_new + b_new
@@ -209,18 +212,12 @@ def test_gaussian_mirror_candidate_matches_hand_computation():
     adv = torch.tensor([1.0, -2.5, 2.0, 0.3, -1.0])
     eps = 0.05
 
-    def actor(w, b):
-        lin = nn.Linear(2, 2)
-        with torch.no_grad():
-            lin.weight.copy_(torch.stack([w, torch.zeros(2)]))
-            lin.bias.copy_(torch.tensor([b, 0.0]))
-        return _gaussian_actor(2, linear=lin), lin
 
     td = TensorDict({"observation": obs, "action": action, "advantage": adv[:, None],
                      "value_target": torch.zeros(5, 1)}, batch_size=[5])
     critic = ValueOperator(nn.Linear(2, 1), in_keys=["observation"])
     w_old, b_old = torch.tensor([0.2, -0.1]), 0.1
-    sol = OTTrustRegionLoss(actor(w_old, b_old)[0], critic, cost=EuclideanCost(), epsilon=eps,
+    sol = OTTrustRegionLoss(_fixed_actor(w_old, b_old)[0], critic, cost=EuclideanCost(), epsilon=eps,
                             mirror=True).solve_multiplier(td)
     m_old = obs @ w_old + b_old
     image = 2 * m_old - action[:, 0]
@@ -233,7 +230,7 @@ def test_gaussian_mirror_candidate_matches_hand_computation():
     assert lam > 0
     torch.testing.assert_close(sol.multiplier.float(), torch.tensor(lam))
 
-    new_actor, lin = actor(torch.tensor([0.5, 0.3]), 0.2)
+    new_actor, lin = _fixed_actor(torch.tensor([0.5, 0.3]), 0.2)
     out = OTTrustRegionLoss(new_actor, critic, cost=EuclideanCost(), epsilon=eps, mirror=True)(td)
     m = obs @ torch.tensor([0.5, 0.3]) + 0.2
     term = torch.maximum(adv - lam * (m - action[:, 0]) ** 2, -adv - lam * (m - image) ** 2)
@@ -244,9 +241,7 @@ def test_gaussian_mirror_candidate_matches_hand_computation():
 
 
 def test_gaussian_mirror_is_clamped_to_the_action_box():
-    net = TensorDictModule(nn.Sequential(nn.Linear(OBS, 2), NormalParamExtractor()), ["observation"], ["loc", "scale"])
-    actor = ProbabilisticActor(net, in_keys=["loc", "scale"], distribution_class=TanhNormal)
-    loss = OTTrustRegionLoss(actor, ValueOperator(nn.Linear(OBS, 1), in_keys=["observation"]), cost=EuclideanCost(),
+    loss = OTTrustRegionLoss(_gaussian_actor(dist=TanhNormal), ValueOperator(nn.Linear(OBS, 1), in_keys=["observation"]), cost=EuclideanCost(),
                              epsilon=0.01, mirror=True)
     td = _data("gaussian", batch=(64,))
     td["action"] = td["action"].clamp(-0.999, 0.999)
