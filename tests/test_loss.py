@@ -241,8 +241,8 @@ def test_gaussian_mirror_candidate_matches_hand_computation():
 
 
 def test_gaussian_mirror_is_clamped_to_the_action_box():
-    loss = OTTrustRegionLoss(_gaussian_actor(dist=TanhNormal), ValueOperator(nn.Linear(OBS, 1), in_keys=["observation"]), cost=EuclideanCost(),
-                             epsilon=0.01, mirror=True)
+    critic = ValueOperator(nn.Linear(OBS, 1), in_keys=["observation"])
+    loss = OTTrustRegionLoss(_gaussian_actor(dist=TanhNormal), critic, cost=EuclideanCost(), epsilon=0.01, mirror=True)
     td = _data("gaussian", batch=(64,))
     td["action"] = td["action"].clamp(-0.999, 0.999)
     td["advantage"] = torch.randn(64, 1)
