@@ -467,8 +467,8 @@ def categorical_transport(old: Tensor, new: Tensor, cost: Tensor) -> Tensor:
         old, new: ``[B, A]`` probabilities (rows on the simplex). cost: ``[A, A]`` cost matrix, zero diagonal.
 
     Returns ``[B]``. Closed forms where they exist: a cost that charges every move the same ``c`` (the
-    0/1 metric: ``c`` times the total variation ``0.5 sum |old - new|``) and two actions (the surplus of
-    one action moves to the other). Any other matrix is solved state by state by POT's exact network
+    0/1 metric: ``c`` times the total variation ``0.5 sum |old - new|``), ``c |i - j|`` on ordered
+    actions (the gap between the two CDFs) and two actions (the surplus of one action moves to the other). Any other matrix is solved state by state by POT's exact network
     simplex (``ot.emd2``). Exact either way: this is what checks that a fitted network stayed inside
     the trust region, so it is never estimated.
 
@@ -497,6 +497,10 @@ def categorical_transport(old: Tensor, new: Tensor, cost: Tensor) -> Tensor:
     if _is_uniform_metric(cost):
         move = cost[0, 1] if A > 1 else cost.new_zeros(())
         return move * 0.5 * (old - new).abs().sum(-1)
+    line = (torch.arange(A, device=cost.device)[:, None] - torch.arange(A, device=cost.device)[None, :]).abs()
+    if A > 1 and torch.equal(cost, cost[0, 1] * line.to(cost.dtype)):
+        # |i - j| on ordered actions (IndexDistanceCost(p=1)): W1 on a line, the gap between the CDFs.
+        return cost[0, 1] * (old.cumsum(-1) - new.cumsum(-1))[:, :-1].abs().sum(-1)
     if A == 2:
         surplus = old[:, 0] - new[:, 0]  # > 0: action 0's surplus moves to action 1
         return torch.where(surplus > 0, surplus * cost[0, 1], -surplus * cost[1, 0])
