@@ -468,9 +468,10 @@ def categorical_transport(old: Tensor, new: Tensor, cost: Tensor) -> Tensor:
 
     Returns ``[B]``. Closed forms where they exist: a cost that charges every move the same ``c`` (the
     0/1 metric: ``c`` times the total variation ``0.5 sum |old - new|``), ``c |i - j|`` on ordered
-    actions (the gap between the two CDFs) and two actions (the surplus of one action moves to the other). Any other matrix is solved state by state by POT's exact network
-    simplex (``ot.emd2``). Exact either way: this is what checks that a fitted network stayed inside
-    the trust region, so it is never estimated.
+    actions (the gap between the two CDFs) and two actions (the surplus of one action moves to the
+    other). Any other matrix is solved state by state by POT's exact network simplex (``ot.emd2``).
+    Exact either way: this is what checks that a fitted network stayed inside the trust region, so it
+    is never estimated.
 
     >>> import torch
     >>> old = torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float64)
