@@ -95,6 +95,14 @@ def test_gaussian_bound_with_different_scales_is_the_w2_of_the_gaussians():
         gaussian_transport_bound(m0, s0, m1, s1, L1Cost())
     with pytest.raises(ValueError, match="EuclideanCost or L1Cost"):
         gaussian_transport_bound(m0, s0, m1, s0, DiscreteMetricCost())
+    with pytest.raises(ValueError, match="broadcast"):
+        gaussian_transport_bound(m0, s0, torch.zeros(1, 3), s0, EuclideanCost())
+    with pytest.raises(ValueError, match="new_scale"):
+        gaussian_transport_bound(m0, s0, m1, -s1, EuclideanCost())
+    with pytest.raises(ValueError, match="old_loc"):
+        gaussian_transport_bound(m0 * float("nan"), s0, m1, s1, EuclideanCost())
+    with pytest.raises(ValueError, match="lipschitz"):
+        gaussian_transport_bound(m0, s0, m1, s0, EuclideanCost(), lipschitz=-1.0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,3 +220,7 @@ def test_projection_refuses_bad_arguments(kwargs, match):
         loss.project_into_trust_region(td, loss.actor_parameters(), **kwargs)
     with pytest.raises(ValueError, match="theta_old"):
         loss.project_into_trust_region(td, torch.zeros(3))
+    theta = loss.actor_parameters()
+    with pytest.raises(ValueError, match="NaN"):
+        loss.project_into_trust_region(td, torch.full_like(theta, float("nan")))
+    assert torch.equal(loss.actor_parameters(), theta)  # refused before touching anything

@@ -541,9 +541,16 @@ def gaussian_transport_bound(old_loc: Tensor, old_scale: Tensor, new_loc: Tensor
     if not isinstance(cost, (EuclideanCost, L1Cost)):
         raise ValueError(f"cost must be an EuclideanCost or L1Cost (a cost that grows with each coordinate's "
                          f"distance), got {type(cost).__name__}")
-    shape = torch.broadcast_shapes(old_loc.shape, old_scale.shape, new_loc.shape, new_scale.shape)
-    for name, x in (("old_loc", old_loc), ("old_scale", old_scale), ("new_loc", new_loc), ("new_scale", new_scale)):
+    args = {"old_loc": old_loc, "old_scale": old_scale, "new_loc": new_loc, "new_scale": new_scale}
+    for name, x in args.items():
+        if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0:
+            raise ValueError(f"{name} must be a floating [..., d] tensor")
         _check_finite(x, name, nonneg=name.endswith("scale"))
+    try:
+        shape = torch.broadcast_shapes(*(x.shape for x in args.values()))
+    except RuntimeError as err:
+        raise ValueError("old_loc, old_scale, new_loc and new_scale must broadcast to one [..., d] shape, got "
+                         + ", ".join(str(tuple(x.shape)) for x in args.values())) from err
     lip = torch.as_tensor(lipschitz, dtype=new_loc.dtype, device=new_loc.device)
     _check_finite(lip, "lipschitz", nonneg=True)
     dloc = (lip * (new_loc - old_loc)).expand(shape)
