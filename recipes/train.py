@@ -384,7 +384,7 @@ def main(cfg: DictConfig) -> dict:
         loss_module = OTTrustRegionLoss(
             actor, critic, cost=cost, epsilon=cfg.algo.epsilon, policy=policy, advantage_network=head,
             num_candidates=cfg.algo.num_candidates, split=algo == "ot_trpo",
-            mirror=bool(cfg.algo.mirror) and policy == "gaussian",
+            mirror=cfg.algo.mirror,  # the loss refuses it for a non-Gaussian policy, naming both
             entropy_coeff=cfg.algo.entropy_coeff or None,
             critic_coeff=cfg.algo.critic_coeff, loss_critic_type=cfg.algo.loss_critic_type)
     elif algo == "ppo":

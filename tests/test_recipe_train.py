@@ -163,6 +163,11 @@ def test_recipe_refuses_unknown_env(tmp_path):
     assert "unknown gymnasium environment" in proc.stderr and "CartPole-v1" in proc.stderr
 
 
+def test_recipe_refuses_mirror_for_a_categorical_policy(tmp_path):
+    proc = _run("env=CartPole-v1", "algo.mirror=true", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0 and "mirror" in proc.stderr and "gaussian" in proc.stderr
+
+
 @pytest.mark.parametrize("epsilon", ["0", "-0.1"])
 def test_recipe_refuses_bad_epsilon(tmp_path, epsilon):
     proc = _run(f"algo.epsilon={epsilon}", f"hydra.run.dir={tmp_path}")
