@@ -9,7 +9,8 @@ minute that pairs them far more closely. The figure is the recipe's own ``frames
 median over reps of each rep's OT-TRPO / PPO pair (robust to the machine's drift between reps).
 Each is given twice: for the training frames/s, and for the update alone (advantages, lambda*, the
 epochs; the summary's ``update_frames_per_s``), since collection's cost per frame depends on how
-often episodes end, i.e. on how fast each algorithm learns the env.
+often episodes end, i.e. on how fast each algorithm learns the env. A second table splits an
+update's time into its phases (the summary's ``update_time_breakdown_s``), milliseconds per update.
 
     .venv/bin/python benchmarks/throughput.py                                # CartPole-v1 and Pendulum-v1
     .venv/bin/python benchmarks/throughput.py --envs Hopper-v5 --frames 40960 --reps 3
@@ -46,17 +47,19 @@ def start(env: str, algo: str, frames: int, seed: int, extra: list[str], tmp: st
                             env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"), preexec_fn=pin)
 
 
-def finish(proc: subprocess.Popen, tmp: str) -> tuple[float, float]:
-    """(training frames/s, update-only frames/s) of a finished run."""
+def finish(proc: subprocess.Popen, tmp: str) -> tuple[float, float, dict[str, float]]:
+    """(training frames/s, update-only frames/s, milliseconds per update by phase) of a finished run."""
     _, stderr = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"run failed: {' '.join(proc.args)}\n{stderr[-3000:]}")
     summary = json.loads((Path(tmp) / "summary.json").read_text())
-    return summary["frames_per_s"], summary["update_frames_per_s"]
+    per_update = {phase: 1000 * seconds / summary["updates"]
+                  for phase, seconds in summary["update_time_breakdown_s"].items()}
+    return summary["frames_per_s"], summary["update_frames_per_s"], per_update
 
 
 def run_pair(env: str, order: tuple[str, str], frames: int, seed: int, extra: list[str],
-             concurrent: bool, swap_cores: bool) -> dict[str, tuple[float, float]]:
+             concurrent: bool, swap_cores: bool) -> dict[str, tuple[float, float, dict[str, float]]]:
     """One rep: the two algorithms one after the other in ``order``, or at the same time on cores 0 and 1."""
     out = {}
     with tempfile.TemporaryDirectory() as tmp_a, tempfile.TemporaryDirectory() as tmp_b:
@@ -87,9 +90,9 @@ def main() -> None:
 
     header = ["| env | measure | OT-TRPO frames/s | PPO (ClipPPOLoss) frames/s | ratio of medians "
               "| median of paired ratios |", "|---|---|---|---|---|---|"]
-    lines = []
+    lines, breakdown = [], []
     for env in args.envs:
-        fps: dict[str, list[tuple[float, float]]] = {"ot_trpo": [], "ppo": []}
+        fps: dict[str, list[tuple[float, float, dict[str, float]]]] = {"ot_trpo": [], "ppo": []}
         for rep in range(args.reps):
             # ABBA order: neither algorithm is always the one that runs second (warmer caches, drift).
             order = ("ot_trpo", "ppo") if rep % 2 == 0 else ("ppo", "ot_trpo")
@@ -104,11 +107,18 @@ def main() -> None:
             paired = statistics.median(o / p for o, p in zip(ot_runs, ppo_runs, strict=True))
             lines.append(f"| {env} | {measure} | {ot:.0f} ({', '.join(f'{v:.0f}' for v in ot_runs)}) | "
                          f"{ppo:.0f} ({', '.join(f'{v:.0f}' for v in ppo_runs)}) | {ot / ppo:.2f} | {paired:.2f} |")
+        # Where an update's time goes: the medians over reps of each phase, per update.
+        for phase in fps["ppo"][0][2]:
+            ot, ppo = (statistics.median(r[2][phase] for r in fps[a]) for a in ("ot_trpo", "ppo"))
+            breakdown.append(f"| {env} | {phase} | {ot:.1f} | {ppo:.1f} | {ot - ppo:+.1f} |")
     print()
     how = "each pair at the same time on two pinned cores" if args.concurrent else "one run at a time, ABBA order"
     print(f"{args.frames} frames per run, {args.reps} runs each ({how}), medians (all runs in brackets); "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, one torch thread")
     print("\n".join(header + lines))
+    print("\nmilliseconds per update, medians over reps (advantage: GAE; solve: lambda*; epochs: the minibatch "
+          "steps; project: the projection into the radius and the update's bookkeeping)")
+    print("\n".join(["| env | phase | OT-TRPO | PPO | difference |", "|---|---|---|---|---|", *breakdown]))
 
 
 if __name__ == "__main__":

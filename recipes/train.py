@@ -94,6 +94,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 EVAL_SEED_OFFSET = 10_000
+PHASES = ("advantage", "solve", "epochs", "project")  # an update's parts, timed (summary: update_time_breakdown_s)
 # Batch entries that no loss reads once the advantages are computed (left out of the minibatches).
 UNUSED_AFTER_ADVANTAGES = ("next", "collector", "done", "terminated", "truncated", "episode_reward", "step_count")
 # VecNormV2 calls batched envs "experimental"; with reduce_batch_dims=True it averages over the copies.
@@ -507,6 +508,7 @@ def main(cfg: DictConfig) -> dict:
             # Advantages once per batch (CleanRL style, for both losses); OT-TRPO then solves lambda* once.
             with torch.no_grad():
                 loss_module.value_estimator(batch)
+            phase_start = {"advantage": update_start, "solve": time.perf_counter()}
             row = {"frames": frames, "train_return": episode_returns.mean().item() if done.any() else float("nan")}
             if algo in ("ot_trpo", "wpo", "trpo") and cfg.algo.normalize_advantage:  # batch-level, before the update
                 adv = batch["advantage"]
@@ -526,6 +528,7 @@ def main(cfg: DictConfig) -> dict:
                 if cfg.algo.enforce_radius:
                     theta_old = loss_module.actor_parameters()
 
+            phase_start["epochs"] = time.perf_counter()
             # The minibatches: SamplerWithoutReplacement over the batch (each epoch one permutation of it).
             # With the advantages computed no loss reads the ("next", ...) step results, the done flags or the
             # env's and collector's bookkeeping: leaving them out spares every minibatch their indexing.
@@ -552,6 +555,7 @@ def main(cfg: DictConfig) -> dict:
                         ("loss_objective", "loss_critic", "loss_entropy", "ot_active_fraction", "grad_norm",
                          "clip_fraction", "kl_approx", "entropy")})
             row["lr"] = optim.param_groups[0]["lr"]
+            phase_start["project"] = time.perf_counter()
             if ot_family:  # what the fitted network moved (exact, or a bound), against the radius
                 if cfg.algo.enforce_radius:  # backtrack the actor's step until it is inside (or undo it)
                     proj = loss_module.project_into_trust_region(batch, theta_old)
@@ -564,6 +568,11 @@ def main(cfg: DictConfig) -> dict:
                 with torch.no_grad():
                     log_scale.fill_(math.log(scheduled_scale(frames)))
             row["update_time_s"] = time.perf_counter() - update_start
+            # Where the update's time goes (throughput.py's breakdown): GAE; lambda* (OT) or the natural-gradient
+            # step (TRPO); the minibatch epochs; the projection into the radius (OT) and the bookkeeping.
+            ends = [*list(phase_start.values())[1:], update_start + row["update_time_s"]]
+            row.update({f"time_{phase}_s": end - begin
+                        for (phase, begin), end in zip(phase_start.items(), ends, strict=True)})
             updates.append(row)
             if cfg.num_collectors > 1:
                 collector.update_policy_weights_()
@@ -623,6 +632,8 @@ def main(cfg: DictConfig) -> dict:
         # (None when resumed from a checkpoint written before this was recorded.)
         "update_frames_per_s": (frames / sum(u["update_time_s"] for u in updates)
                                 if all("update_time_s" in u for u in updates) else None),
+        "update_time_breakdown_s": ({phase: sum(u[f"time_{phase}_s"] for u in updates) for phase in PHASES}
+                                    if all("time_epochs_s" in u for u in updates) else None),
         "mean_transport_over_epsilon": statistics.fmean(ratios) if ratios else None,
         # The fitted network's own transport (Problem (P)'s constraint; exact for categorical policies, an
         # upper bound for Gaussian ones): the share of updates that provably stayed inside the radius.

@@ -47,6 +47,10 @@ def test_recipe_runs_and_writes_summary_plot_and_logs(tmp_path, env, algo, polic
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
+    # the update's phases add up to its time
+    assert set(summary["update_time_breakdown_s"]) == {"advantage", "solve", "epochs", "project"}
+    update_time = summary["frames"] / summary["update_frames_per_s"]
+    assert sum(summary["update_time_breakdown_s"].values()) == pytest.approx(update_time)
     assert (summary["env"], summary["algo"], summary["policy"], summary["seed"]) == (env, algo, policy, 1)
     assert summary["frames"] == 1024 and summary["updates"] == 4
     assert summary["frames_per_s"] > 0 and summary["wall_time_s"] > 0
