@@ -127,11 +127,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
 
 
-def verdict(env: str, finals: dict[str, list[float]]) -> str:
+def verdict(env: str, finals: dict[str, list[float]], seeds: int | None = None) -> str:
     """The paper's target on one env, as the table states it: OT-TRPO's mean final return at least the best
-    baseline's, with a standard deviation no larger than that baseline's (and >= 1.5x PPO on Swimmer)."""
+    baseline's, with a standard deviation no larger than that baseline's (and >= 1.5x PPO on Swimmer).
+    With ``seeds``, a row where some algorithm has fewer finished runs is "open", naming the counts: a
+    comparison with a baseline's single run (no spread) or none would read as a verdict it is not."""
     if not finals.get("ot_trpo"):
         return "n/a"
+    missing = [f"{algo} {len(v)}/{seeds}" for algo, v in finals.items() if seeds is not None and len(v) < seeds]
+    if missing:
+        return "open: " + ", ".join(missing) + " seeds"
     base = {a: mean_std(v) for a, v in finals.items() if a not in ("ot_trpo", "ot_trpo_net") and v}
     if not base:
         return "n/a"
@@ -198,7 +203,8 @@ def main() -> None:
     for env in args.envs:
         fig, ax = plt.subplots(figsize=(6, 3.6))
         cells, frames = [], None
-        finals = {algo: [s["final_return"] for s, _ in results.get((env, algo), [])] for algo in args.algos}
+        finals = {algo: [s["final_return"] for s, _ in results.get((env, algo), [])]
+                  for algo in args.algos if runs_on(env, algo)}
         best = max((mean_std(v)[0] for v in finals.values() if v), default=None)
         for algo in args.algos:
             runs = results.get((env, algo))
@@ -223,7 +229,7 @@ def main() -> None:
         fig.tight_layout()
         fig.savefig(args.out / f"{env}.png", dpi=100)
         plt.close(fig)
-        lines.append(f"| {env} | {frames:,} | " + " | ".join(cells) + f" | {verdict(env, finals)} |")
+        lines.append(f"| {env} | {frames:,} | " + " | ".join(cells) + f" | {verdict(env, finals, len(seeds))} |")
     header = (f"Command: `{' '.join(['.venv/bin/python benchmarks/compare.py', *sys.argv[1:]])}`; seeds "
               f"0-{len(seeds) - 1}; final deterministic policy; {platform.machine()}, {os.cpu_count()} cores; "
               f"{time.perf_counter() - start:.0f} s. Cells: final return mean +/- std over seeds (frames/s); "

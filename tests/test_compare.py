@@ -52,6 +52,7 @@ def test_compare_writes_csv_plots_and_table(tmp_path):
     rows_again = (tmp_path / "table.md").read_text().splitlines()[2:]
     assert rows_again[:3] == table.splitlines()[2:5]  # header row, rule, CartPole
     assert rows_again[4] == table.splitlines()[6]  # CliffWalking
+    assert rows_again[3].endswith("| open: ppo 0/1 seeds |")  # no verdict against a missing baseline
     assert "| Pendulum-v1 | 512 |" in rows_again[3] and rows_again[3].count("n/a") == 2  # ppo gone, no wpo
     assert not (tmp_path / "Pendulum-v1" / "ppo").exists()
 
@@ -93,3 +94,10 @@ def test_throughput_concurrent_refuses_a_single_core():
 ])
 def test_verdict_states_the_papers_target(env, finals, expected):
     assert verdict(env, finals) == expected
+
+
+def test_verdict_of_an_incomplete_row_is_open_with_the_counts():
+    # A baseline's single run has no spread: "std above ppo" would be a verdict on one seed.
+    finals = {"ot_trpo": [270.0, 275.0, 272.0], "ppo": [130.0], "a2c": [], "trpo": [50.0, 60.0, 70.0]}
+    assert verdict("Swimmer-v5", finals, seeds=3) == "open: ppo 1/3, a2c 0/3 seeds"
+    assert verdict("Swimmer-v5", {a: v for a, v in finals.items() if len(v) == 3}, seeds=3) == "met"
