@@ -3,7 +3,8 @@
 Both runs use the same recipe, collector, batch size, epochs, minibatches, networks and optimiser;
 only ``algo=`` differs. Runs alternate one at a time in ABBA order (ot_trpo, ppo, ppo, ot_trpo, ...)
 so that both see the same machine state, or, with ``--concurrent``, each rep's pair runs at the same
-time, each pinned to its own core (swapped every rep): on a machine whose speed drifts from minute to
+time, each pinned to its own core (OT-TRPO on core 0 for two reps, then on core 1 for two: each algorithm meets
+each core in each launch order equally often): on a machine whose speed drifts from minute to
 minute that pairs them far more closely. The figure is the recipe's own ``frames_per_s``
 (training time: collection + updates, evaluations excluded). Two ratios: of the medians, and the
 median over reps of each rep's OT-TRPO / PPO pair (robust to the machine's drift between reps).
@@ -58,15 +59,23 @@ def finish(proc: subprocess.Popen, tmp: str) -> tuple[float, float, dict[str, fl
     return summary["frames_per_s"], summary["update_frames_per_s"], per_update
 
 
+def schedule(rep: int) -> tuple[tuple[str, str], dict[str, int]]:
+    """Rep ``rep``'s launch order (ABBA: neither algorithm is always second, with warmer caches and drift)
+    and, for ``--concurrent``, each algorithm's core. Over any four reps each algorithm runs on each core
+    in each launch order once: pinning by launch position instead would tie an algorithm to one core."""
+    order = ("ot_trpo", "ppo") if rep % 2 == 0 else ("ppo", "ot_trpo")
+    ot_core = (rep // 2) % 2
+    return order, {"ot_trpo": ot_core, "ppo": 1 - ot_core}
+
+
 def run_pair(env: str, order: tuple[str, str], frames: int, seed: int, extra: list[str],
-             concurrent: bool, swap_cores: bool) -> dict[str, tuple[float, float, dict[str, float]]]:
-    """One rep: the two algorithms one after the other in ``order``, or at the same time on cores 0 and 1."""
+             concurrent: bool, cores: dict[str, int]) -> dict[str, tuple[float, float, dict[str, float]]]:
+    """One rep: the two algorithms one after the other in ``order``, or at the same time, each on its core."""
     out = {}
     with tempfile.TemporaryDirectory() as tmp_a, tempfile.TemporaryDirectory() as tmp_b:
         if concurrent:
-            cores = (1, 0) if swap_cores else (0, 1)
-            procs = [start(env, algo, frames, seed, extra, tmp, core)
-                     for algo, tmp, core in zip(order, (tmp_a, tmp_b), cores, strict=True)]
+            procs = [start(env, algo, frames, seed, extra, tmp, cores[algo])
+                     for algo, tmp in zip(order, (tmp_a, tmp_b), strict=True)]
             for algo, proc, tmp in zip(order, procs, (tmp_a, tmp_b), strict=True):
                 out[algo] = finish(proc, tmp)
         else:
@@ -81,8 +90,8 @@ def main() -> None:
     parser.add_argument("--frames", type=positive_int, default=30720, help="frames per run")
     parser.add_argument("--reps", type=positive_int, default=3, help="runs per (env, algo)")
     parser.add_argument("--concurrent", action="store_true",
-                        help="run each rep's two runs at the same time, pinned to cores 0 and 1 (swapped every rep), "
-                             "so that both see the same machine state; needs 2 cores")
+                        help="run each rep's two runs at the same time, pinned to cores 0 and 1 (swapped every "
+                             "second rep), so that both see the same machine state; needs 2 cores")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to every run")
     args = parser.parse_args()
     if args.concurrent and not (hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2):
@@ -94,10 +103,9 @@ def main() -> None:
     for env in args.envs:
         fps: dict[str, list[tuple[float, float, dict[str, float]]]] = {"ot_trpo": [], "ppo": []}
         for rep in range(args.reps):
-            # ABBA order: neither algorithm is always the one that runs second (warmer caches, drift).
-            order = ("ot_trpo", "ppo") if rep % 2 == 0 else ("ppo", "ot_trpo")
+            order, cores = schedule(rep)
             for algo, result in run_pair(env, order, args.frames, rep, args.overrides, args.concurrent,
-                                         swap_cores=rep % 2 == 1).items():
+                                         cores).items():
                 fps[algo].append(result)
                 print(f"{env} {algo} rep {rep}: {result[0]:.0f} frames/s (update only: {result[1]:.0f})", flush=True)
         for i, measure in enumerate(("training", "update only")):

@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from compare import verdict  # noqa: E402
+from throughput import schedule  # noqa: E402
 
 TINY = ["--frames", "512", "--eval-episodes", "2", "frames_per_batch=256", "num_envs=4", "num_epochs=1",
         "num_minibatches=2", "eval_every=256", "checkpoint_every=512",
@@ -70,6 +71,18 @@ def test_throughput_refuses_a_non_positive_count(flag):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), flag, "0"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode != 0 and flag in proc.stderr and "positive integer" in proc.stderr
+
+
+def test_throughput_schedule_balances_cores_and_launch_orders():
+    # An algorithm tied to one core (as when the core followed the launch position, which alternates
+    # with the order) would carry that core's own speed into the ratio.
+    seen = []
+    for rep in range(4):
+        order, cores = schedule(rep)
+        assert sorted(order) == ["ot_trpo", "ppo"] and sorted(cores.values()) == [0, 1]
+        seen.append((order, cores["ot_trpo"]))
+    assert len(set(seen)) == 4  # every (launch order, OT-TRPO's core) once in any four reps
+    assert [order[0] for order, _ in seen] == ["ot_trpo", "ppo", "ot_trpo", "ppo"]  # ABBA
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
