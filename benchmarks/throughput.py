@@ -48,15 +48,16 @@ def start(env: str, algo: str, frames: int, seed: int, extra: list[str], tmp: st
                             env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"), preexec_fn=pin)
 
 
-def finish(proc: subprocess.Popen, tmp: str) -> tuple[float, float, dict[str, float]]:
-    """(training frames/s, update-only frames/s, milliseconds per update by phase) of a finished run."""
+def finish(proc: subprocess.Popen, tmp: str) -> tuple[float, float, dict[str, float], int]:
+    """(training frames/s, update-only frames/s, milliseconds per update by phase, episodes ended) of a
+    finished run."""
     _, stderr = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"run failed: {' '.join(proc.args)}\n{stderr[-3000:]}")
     summary = json.loads((Path(tmp) / "summary.json").read_text())
     per_update = {phase: 1000 * seconds / summary["updates"]
                   for phase, seconds in summary["update_time_breakdown_s"].items()}
-    return summary["frames_per_s"], summary["update_frames_per_s"], per_update
+    return summary["frames_per_s"], summary["update_frames_per_s"], per_update, summary["train_episodes"]
 
 
 def schedule(rep: int) -> tuple[tuple[str, str], dict[str, int]]:
@@ -69,7 +70,7 @@ def schedule(rep: int) -> tuple[tuple[str, str], dict[str, int]]:
 
 
 def run_pair(env: str, order: tuple[str, str], frames: int, seed: int, extra: list[str],
-             concurrent: bool, cores: dict[str, int]) -> dict[str, tuple[float, float, dict[str, float]]]:
+             concurrent: bool, cores: dict[str, int]) -> dict[str, tuple[float, float, dict[str, float], int]]:
     """One rep: the two algorithms one after the other in ``order``, or at the same time, each on its core."""
     out = {}
     with tempfile.TemporaryDirectory() as tmp_a, tempfile.TemporaryDirectory() as tmp_b:
@@ -101,13 +102,14 @@ def main() -> None:
               "| median of paired ratios |", "|---|---|---|---|---|---|"]
     lines, breakdown = [], []
     for env in args.envs:
-        fps: dict[str, list[tuple[float, float, dict[str, float]]]] = {"ot_trpo": [], "ppo": []}
+        fps: dict[str, list[tuple[float, float, dict[str, float], int]]] = {"ot_trpo": [], "ppo": []}
         for rep in range(args.reps):
             order, cores = schedule(rep)
             for algo, result in run_pair(env, order, args.frames, rep, args.overrides, args.concurrent,
                                          cores).items():
                 fps[algo].append(result)
-                print(f"{env} {algo} rep {rep}: {result[0]:.0f} frames/s (update only: {result[1]:.0f})", flush=True)
+                print(f"{env} {algo} rep {rep}: {result[0]:.0f} frames/s (update only: {result[1]:.0f}), "
+                      f"{result[3]} episodes ended", flush=True)
         for i, measure in enumerate(("training", "update only")):
             ot_runs, ppo_runs = ([r[i] for r in fps[a]] for a in ("ot_trpo", "ppo"))
             ot, ppo = statistics.median(ot_runs), statistics.median(ppo_runs)
@@ -119,6 +121,10 @@ def main() -> None:
         for phase in fps["ppo"][0][2]:
             ot, ppo = (statistics.median(r[2][phase] for r in fps[a]) for a in ("ot_trpo", "ppo"))
             breakdown.append(f"| {env} | {phase} | {ot:.1f} | {ppo:.1f} | {ot - ppo:+.1f} |")
+        # Collection's share: every episode end is a reset through the env's transforms.
+        ot, ppo = (statistics.median(r[3] for r in fps[a]) for a in ("ot_trpo", "ppo"))
+        breakdown.append(f"| {env} | episodes ended per run (collection: one reset each) | {ot:.0f} | {ppo:.0f} | "
+                         f"{ot - ppo:+.0f} |")
     print()
     how = "each pair at the same time on two pinned cores" if args.concurrent else "one run at a time, ABBA order"
     print(f"{args.frames} frames per run, {args.reps} runs each ({how}), medians (all runs in brackets); "

@@ -509,7 +509,8 @@ def main(cfg: DictConfig) -> dict:
             with torch.no_grad():
                 loss_module.value_estimator(batch)
             phase_start = {"advantage": update_start, "solve": time.perf_counter()}
-            row = {"frames": frames, "train_return": episode_returns.mean().item() if done.any() else float("nan")}
+            row = {"frames": frames, "train_return": episode_returns.mean().item() if done.any() else float("nan"),
+                   "episodes": int(done.sum())}
             if algo in ("ot_trpo", "wpo", "trpo") and cfg.algo.normalize_advantage:  # batch-level, before the update
                 adv = batch["advantage"]
                 batch["advantage"] = (adv - adv.mean()) / adv.std().clamp_min(1e-8)
@@ -634,6 +635,9 @@ def main(cfg: DictConfig) -> dict:
                                 if all("update_time_s" in u for u in updates) else None),
         "update_time_breakdown_s": ({phase: sum(u[f"time_{phase}_s"] for u in updates) for phase in PHASES}
                                     if all("time_epochs_s" in u for u in updates) else None),
+        # Episodes that ended in the training batches: each end costs a reset through the env's transforms,
+        # so collection's frames/s falls with it (short episodes early in learning).
+        "train_episodes": (sum(u["episodes"] for u in updates) if all("episodes" in u for u in updates) else None),
         "mean_transport_over_epsilon": statistics.fmean(ratios) if ratios else None,
         # The fitted network's own transport (Problem (P)'s constraint; exact for categorical policies, an
         # upper bound for Gaussian ones): the share of updates that provably stayed inside the radius.

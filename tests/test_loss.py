@@ -272,6 +272,7 @@ def test_categorical_target_matches_tabular_update():
     assert ref.multiplier > 0
     torch.testing.assert_close(sol.multiplier, ref.multiplier)
     torch.testing.assert_close(td["ot_target_probs"], target.float())
+    torch.testing.assert_close(td["ot_behaviour_probs"], pi_old)  # recorded for the minibatch steps' centring
     torch.testing.assert_close(td["ot_transport"][0], ref.transport.float())
     out = loss(td)
     torch.testing.assert_close(out["loss_objective"], (pi_old - target.float()).pow(2).sum(-1).mean())

@@ -70,6 +70,10 @@ def test_recipe_runs_and_writes_summary_plot_and_logs(tmp_path, env, algo, polic
     assert [step for step, _ in evals] == [0, 512, 1024]  # at the start, every eval_every, at the end
     assert evals[-1][1] == pytest.approx(summary["final_return"])
     assert len(_csv(scalars / "loss_critic.csv")) == 4  # one row per update
+    # episodes ended per batch (what collection's speed depends on), logged per update and summed
+    episodes = _csv(scalars / "episodes.csv")
+    assert len(episodes) == 4 and sum(v for _, v in episodes) == summary["train_episodes"]
+    assert summary["train_episodes"] > 0 or env == "Pendulum-v1"  # 200-step episodes outlast a 128-step segment
     if algo == "trpo":
         assert all(v <= 0.01 + 1e-6 for _, v in _csv(scalars / "kl.csv"))  # max_kl
     if algo in ("ot_trpo", "wpo"):

@@ -160,8 +160,8 @@ class OTTrustRegionLoss(ActorCriticLoss):
 
         ``advantage`` ... ``sample_log_prob`` are as in TorchRL's A2C/PPO; ``action_advantage`` is the
         output of ``advantage_network``; the ``ot_*`` entries are written by ``solve_multiplier``: lam*,
-        t*, the exact update's transport, the target ``pi*`` ("categorical"), and the ``[..., K+1, d]``
-        candidates with their ``[..., K+1]`` advantages ("sampled").
+        t*, the exact update's transport, the target ``pi*`` and pi_old's probabilities ("categorical"),
+        and the ``[..., K+1, d]`` candidates with their ``[..., K+1]`` advantages ("sampled").
         """
 
         advantage: NestedKey = "advantage"
@@ -177,6 +177,7 @@ class OTTrustRegionLoss(ActorCriticLoss):
         split: NestedKey = "ot_split"
         transport: NestedKey = "ot_transport"
         target_probs: NestedKey = "ot_target_probs"
+        behaviour_probs: NestedKey = "ot_behaviour_probs"
         candidates: NestedKey = "ot_candidates"
         candidate_advantage: NestedKey = "ot_candidate_advantage"
 
@@ -341,9 +342,9 @@ class OTTrustRegionLoss(ActorCriticLoss):
 
         Runs the value estimator first if the advantage is missing (writing the advantage and value
         target). Writes, expanded over the batch, ``ot_multiplier`` (lam*), ``ot_split`` (t*),
-        ``ot_transport``, and ``ot_target_probs`` ("categorical") or ``ot_candidates`` /
-        ``ot_candidate_advantage`` ("sampled"), plus pi_old's distribution parameters if absent. This
-        is the one method that writes into its input. Returns the
+        ``ot_transport``, and ``ot_target_probs`` with ``ot_behaviour_probs`` ("categorical") or
+        ``ot_candidates`` / ``ot_candidate_advantage`` ("sampled"), plus pi_old's distribution parameters
+        if absent. This is the one method that writes into its input. Returns the
         :class:`~torchrl_ot.functional.DualSolution` (computed in float64).
         """
         keys = self.tensor_keys
@@ -370,6 +371,9 @@ class OTTrustRegionLoss(ActorCriticLoss):
                 matrix = self.cost.matrix(probs.shape[-1]).to(probs.device)
                 target, sol = tabular_ot_update(probs, head, weight, matrix, self.epsilon, split=self.split)
                 written[keys.target_probs] = target.to(dtype).reshape(*batch, -1)
+                # pi_old's probabilities as data, as PPO stores log pi_old: every minibatch step reads them
+                # (the head's centring) and rebuilding the distribution there costs more than the step's loss.
+                written[keys.behaviour_probs] = probs.to(dtype).reshape(*batch, -1)
                 if not self.split:  # WPO's own plan moves more than the split optimum: report what it moves
                     _, c_flat, w_flat = tabular_problem(probs, head, weight, matrix)
                     plan = transport_plan(sol, probs.shape[-1], split=False)
@@ -498,7 +502,7 @@ class OTTrustRegionLoss(ActorCriticLoss):
         keys = self.tensor_keys
         td = tensordict
         needed = [keys.advantage, keys.multiplier, keys.split, keys.transport]
-        needed += {"categorical": [keys.target_probs],
+        needed += {"categorical": [keys.target_probs, keys.behaviour_probs],
                    "sampled": [keys.candidates, keys.candidate_advantage]}.get(self.policy, [])
         needed += [keys.candidates] if self.mirror else []
         if any(td.get(k, None) is None for k in [*needed, *self._dist_keys]):
@@ -514,7 +518,7 @@ class OTTrustRegionLoss(ActorCriticLoss):
         head_loss = None
         critic_out = self._run("critic_network", flat)
         if self.policy == "categorical":
-            old_probs = self._behaviour_dist(flat).probs.detach()
+            old_probs = flat.get(keys.behaviour_probs).detach()
             target = flat.get(keys.target_probs).detach()
             objective = -(dist.probs - target).pow(2).sum(-1)
             active = (target - old_probs).abs().amax(-1) > 1e-6
