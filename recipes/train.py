@@ -283,6 +283,48 @@ def make_networks(env: TransformedEnv, cfg: DictConfig, policy: str):
     return actor, critic, head
 
 
+def make_loss(cfg: DictConfig, policy: str, discrete: bool, actor, critic, head):
+    """The loss for ``cfg.algo.name`` (OTTrustRegionLoss for ot_trpo and wpo, TorchRL's ClipPPOLoss and
+    A2CLoss, our TRPOLoss) with its value estimator; returns it and the transport cost (None for the
+    baselines)."""
+    algo = cfg.algo.name
+    if algo in ("ot_trpo", "wpo"):
+        if cfg.cost.get("_target_") is None:  # cost=auto
+            cost = DiscreteMetricCost() if discrete else EuclideanCost(p=2)
+        else:
+            cost = instantiate(cfg.cost)
+        loss_module = OTTrustRegionLoss(
+            actor, critic, cost=cost, epsilon=cfg.algo.epsilon, policy=policy, advantage_network=head,
+            num_candidates=cfg.algo.num_candidates, split=algo == "ot_trpo",
+            mirror=cfg.algo.mirror,  # the loss refuses it for a non-Gaussian policy, naming both
+            entropy_coeff=cfg.algo.entropy_coeff or None,
+            critic_coeff=cfg.algo.critic_coeff, loss_critic_type=cfg.algo.loss_critic_type)
+    elif algo == "ppo":
+        cost = None
+        loss_module = ClipPPOLoss(actor, critic, clip_epsilon=cfg.algo.clip_epsilon,
+                                  entropy_bonus=bool(cfg.algo.entropy_coeff), entropy_coeff=cfg.algo.entropy_coeff,
+                                  critic_coeff=cfg.algo.critic_coeff, loss_critic_type=cfg.algo.loss_critic_type,
+                                  normalize_advantage=cfg.algo.normalize_advantage)
+    elif algo == "a2c":
+        cost = None
+        loss_module = A2CLoss(actor, critic, entropy_bonus=bool(cfg.algo.entropy_coeff),
+                              entropy_coeff=cfg.algo.entropy_coeff, critic_coeff=cfg.algo.critic_coeff,
+                              loss_critic_type=cfg.algo.loss_critic_type)
+    elif algo == "trpo":
+        cost = None
+        loss_module = TRPOLoss(actor, critic, max_kl=cfg.algo.max_kl, cg_iters=cfg.algo.cg_iters,
+                               cg_damping=cfg.algo.cg_damping, backtrack_iters=cfg.algo.backtrack_iters,
+                               backtrack_coeff=cfg.algo.backtrack_coeff, entropy_coeff=cfg.algo.entropy_coeff or None,
+                               critic_coeff=cfg.algo.critic_coeff, loss_critic_type=cfg.algo.loss_critic_type)
+    else:
+        raise ValueError(f"unknown algo.name={algo!r}")
+    estimator_kwargs = {"gamma": cfg.env.gamma}
+    if cfg.estimator.lmbda is not None:
+        estimator_kwargs["lmbda"] = cfg.estimator.lmbda
+    loss_module.make_value_estimator(ValueEstimators[cfg.estimator.value_type], **estimator_kwargs)
+    return loss_module, cost
+
+
 # ----------------------------------------------------------------------------------------------
 # evaluation and checkpoints
 
@@ -377,40 +419,7 @@ def main(cfg: DictConfig) -> dict:
     actor, critic, head = make_networks(probe, cfg, policy)
     probe.close()
 
-    if ot_family:
-        if cfg.cost.get("_target_") is None:  # cost=auto
-            cost = DiscreteMetricCost() if discrete else EuclideanCost(p=2)
-        else:
-            cost = instantiate(cfg.cost)
-        loss_module = OTTrustRegionLoss(
-            actor, critic, cost=cost, epsilon=cfg.algo.epsilon, policy=policy, advantage_network=head,
-            num_candidates=cfg.algo.num_candidates, split=algo == "ot_trpo",
-            mirror=cfg.algo.mirror,  # the loss refuses it for a non-Gaussian policy, naming both
-            entropy_coeff=cfg.algo.entropy_coeff or None,
-            critic_coeff=cfg.algo.critic_coeff, loss_critic_type=cfg.algo.loss_critic_type)
-    elif algo == "ppo":
-        cost = None
-        loss_module = ClipPPOLoss(actor, critic, clip_epsilon=cfg.algo.clip_epsilon,
-                                  entropy_bonus=bool(cfg.algo.entropy_coeff), entropy_coeff=cfg.algo.entropy_coeff,
-                                  critic_coeff=cfg.algo.critic_coeff, loss_critic_type=cfg.algo.loss_critic_type,
-                                  normalize_advantage=cfg.algo.normalize_advantage)
-    elif algo == "a2c":
-        cost = None
-        loss_module = A2CLoss(actor, critic, entropy_bonus=bool(cfg.algo.entropy_coeff),
-                              entropy_coeff=cfg.algo.entropy_coeff, critic_coeff=cfg.algo.critic_coeff,
-                              loss_critic_type=cfg.algo.loss_critic_type)
-    elif algo == "trpo":
-        cost = None
-        loss_module = TRPOLoss(actor, critic, max_kl=cfg.algo.max_kl, cg_iters=cfg.algo.cg_iters,
-                               cg_damping=cfg.algo.cg_damping, backtrack_iters=cfg.algo.backtrack_iters,
-                               backtrack_coeff=cfg.algo.backtrack_coeff, entropy_coeff=cfg.algo.entropy_coeff or None,
-                               critic_coeff=cfg.algo.critic_coeff, loss_critic_type=cfg.algo.loss_critic_type)
-    else:
-        raise ValueError(f"unknown algo.name={algo!r}")
-    estimator_kwargs = {"gamma": cfg.env.gamma}
-    if cfg.estimator.lmbda is not None:
-        estimator_kwargs["lmbda"] = cfg.estimator.lmbda
-    loss_module.make_value_estimator(ValueEstimators[cfg.estimator.value_type], **estimator_kwargs)
+    loss_module, cost = make_loss(cfg, policy, discrete, actor, critic, head)
     # fused: one kernel over all parameter tensors. The OT head's extra tensors otherwise cost a
     # per-tensor Python loop on every minibatch step (the profile in docs/results.md, throughput).
     optim = torch.optim.Adam(loss_module.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=cfg.adam_fused)

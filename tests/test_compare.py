@@ -73,6 +73,17 @@ def test_throughput_refuses_a_non_positive_count(flag):
     assert proc.returncode != 0 and flag in proc.stderr and "positive integer" in proc.stderr
 
 
+def test_step_cost_times_both_losses_part_by_part():
+    # The in-process benchmark builds both losses with the recipe's own builders and times every part.
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_cost.py"), "--reps", "1",
+                           "frames_per_batch=256", "num_envs=4", "num_minibatches=2"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    assert {"sample", "forward", "backward", "clip", "adam", "whole step"} <= set(rows)
+    assert "median of paired epochs" in proc.stdout and "1 epochs of 2 steps" in proc.stdout
+
+
 def test_throughput_schedule_balances_cores_and_launch_orders():
     # An algorithm tied to one core (as when the core followed the launch position, which alternates
     # with the order) would carry that core's own speed into the ratio.

@@ -107,8 +107,9 @@ class OTTrustRegionLoss(ActorCriticLoss):
 
     **Solve once, then optimise.** :meth:`solve_multiplier` computes lam* (and the target ``pi*``, or
     the candidates and their advantages) exactly ONCE per collected batch, before the epochs, and
-    writes them into the batch as data (``ot_multiplier`` etc. expanded over the batch, and pi_old's
-    distribution parameters if absent) so that minibatches sampled from it carry them; :meth:`forward`
+    writes them into the batch as data (``ot_multiplier`` etc. expanded over the batch, pi_old's
+    distribution parameters if absent and, "categorical", pi_old's probabilities, as PPO stores
+    log pi_old) so that minibatches sampled from it carry them; :meth:`forward`
     reads them, and calls :meth:`solve_multiplier` on its own copy of the input when they are absent.
     Departure from the paper: its step 5 is an exact argmax for a fixed lam*; several epochs of
     minibatch SGD on that fixed lam* only approximate it, so the realised transport of the fitted
