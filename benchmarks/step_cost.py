@@ -50,9 +50,7 @@ def build(algo: str, overrides: list[str]):
     torch.manual_seed(cfg.seed)
     probe = train.make_env(cfg.env.name, cfg.seed, None, cfg, num_envs=1)
     discrete = isinstance(probe.action_spec_unbatched, (CategoricalSpec, OneHotSpec))
-    policy = algo
-    if algo == "ot_trpo":
-        policy = cfg.algo.policy if cfg.algo.policy != "auto" else ("categorical" if discrete else "gaussian")
+    policy = train.resolve_policy(cfg, discrete)
     actor, critic, head = train.make_networks(probe, cfg, policy)
     obs_dim = probe.observation_spec["observation"].shape[-1]
     probe.close()

@@ -283,6 +283,17 @@ def make_networks(env: TransformedEnv, cfg: DictConfig, policy: str):
     return actor, critic, head
 
 
+def resolve_policy(cfg: DictConfig, discrete: bool) -> str:
+    """The policy setting for ``cfg.algo``: OT-TRPO's ``algo.policy`` (auto: categorical for discrete
+    actions, gaussian otherwise); for the baselines their name (the actor as make_networks builds it)."""
+    algo = cfg.algo.name
+    if algo == "wpo" and not discrete:
+        raise ValueError(f"algo=wpo is the discrete-action baseline; {cfg.env.name} has continuous actions")
+    if algo not in ("ot_trpo", "wpo"):
+        return algo
+    return cfg.algo.policy if cfg.algo.policy != "auto" else ("categorical" if discrete else "gaussian")
+
+
 def make_loss(cfg: DictConfig, policy: str, discrete: bool, actor, critic, head):
     """The loss for ``cfg.algo.name`` (OTTrustRegionLoss for ot_trpo and wpo, TorchRL's ClipPPOLoss and
     A2CLoss, our TRPOLoss) with its value estimator; returns it and the transport cost (None for the
@@ -411,11 +422,7 @@ def main(cfg: DictConfig) -> dict:
                       f"{'discrete' if discrete else 'continuous'} actions: using the env's action space", stacklevel=1)
     obs_dim = probe.observation_spec["observation"].shape[-1]
     horizon = episode_limit(cfg.env.name)
-    policy = algo  # the baselines: the actor as make_networks builds it
-    if algo == "wpo" and not discrete:
-        raise ValueError(f"algo=wpo is the discrete-action baseline; {cfg.env.name} has continuous actions")
-    if ot_family:
-        policy = cfg.algo.policy if cfg.algo.policy != "auto" else ("categorical" if discrete else "gaussian")
+    policy = resolve_policy(cfg, discrete)
     actor, critic, head = make_networks(probe, cfg, policy)
     probe.close()
 

@@ -397,11 +397,17 @@ def test_forward_does_not_mutate_input(policy):
     assert all(torch.isfinite(v).all() for v in out.values())
     loss.solve_multiplier(td)  # the documented writer
     assert {"advantage", "value_target", "ot_multiplier", "ot_split", "ot_transport"} <= set(td.keys())
-    # A solved batch is read as is (no copy); one without pi_old's parameters gets them on a copy.
+    # A solved batch is read as is, with or without pi_old's parameters: forward reads only what
+    # solve_multiplier recorded, so both give the same losses and neither batch changes.
+    torch.manual_seed(5)  # "sampled" draws a reparameterised action per call
+    ref = loss(td)
     for batch in (td, td.exclude(*loss._dist_keys)):
         before = batch.clone()
-        loss(batch)
+        torch.manual_seed(5)
+        out = loss(batch)
         assert set(batch.keys(True, True)) == set(before.keys(True, True)) and (batch == before).all()
+        for name in ("loss_objective", "loss_critic"):
+            torch.testing.assert_close(out[name], ref[name])
 
 
 @pytest.mark.parametrize("value_type", [ValueEstimators.TD0, ValueEstimators.TD1, ValueEstimators.TDLambda,

@@ -171,6 +171,12 @@ def test_recipe_refuses_unknown_env(tmp_path):
     assert "unknown gymnasium environment" in proc.stderr and "CartPole-v1" in proc.stderr
 
 
+def test_recipe_refuses_wpo_on_continuous_actions(tmp_path):
+    proc = _run("env=Pendulum-v1", "algo=wpo", *_tiny(), f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0 and "algo=wpo is the discrete-action baseline" in proc.stderr
+    assert "Pendulum-v1" in proc.stderr
+
+
 def test_recipe_refuses_mirror_for_a_categorical_policy(tmp_path):
     proc = _run("env=CartPole-v1", "algo.mirror=true", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0 and "mirror" in proc.stderr and "gaussian" in proc.stderr

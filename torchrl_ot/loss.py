@@ -506,11 +506,11 @@ class OTTrustRegionLoss(ActorCriticLoss):
         needed += {"categorical": [keys.target_probs, keys.behaviour_probs],
                    "sampled": [keys.candidates, keys.candidate_advantage]}.get(self.policy, [])
         needed += [keys.candidates] if self.mirror else []
-        if any(td.get(k, None) is None for k in [*needed, *self._dist_keys]):
-            # What follows then writes (lam*, pi_old's parameters): never into the caller's batch.
+        # forward reads pi_old only through what solve_multiplier recorded (pi_old's probabilities,
+        # the candidates); a missing piece means solving here, on a copy: never into the caller's batch.
+        if any(td.get(k, None) is None for k in needed):
             td = tensordict.clone(False)
-            if any(td.get(k, None) is None for k in needed):
-                self.solve_multiplier(td)
+            self.solve_multiplier(td)
         batch, flat = td.shape, td.reshape(-1)
         dist = self._current_dist(flat)
         lam = flat.get(keys.multiplier).detach()
