@@ -13,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train.py"
+NUMBERS = Path(__file__).parent / "data" / "recipe_numbers.json"
 # 4 batches of 256 frames (4 env copies x 64 steps), 2 epochs x 4 minibatches each, evaluations every 512.
 TINY = {"total_frames": 1024, "frames_per_batch": 256, "num_envs": 4, "num_epochs": 2, "num_minibatches": 4,
         "eval_every": 512, "eval_episodes": 2, "checkpoint_every": 512}
@@ -32,6 +33,24 @@ def _run(*overrides):
     return subprocess.run(_cmd(*overrides), capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
+def _smoke_overrides(env, algo, policy):
+    extra = ["algo.policy=sampled"] if policy == "sampled" else []
+    return [f"env={env}", f"algo={algo}", *_tiny(), "seed=1", *extra]
+
+
+def _numbers(run_dir: Path) -> dict[str, list[float]]:
+    """What a run computed (per-update diagnostics and evaluation returns), without its timings."""
+    import torch
+
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    out = {"eval_return": [h["return"] for h in ckpt["history"]]}
+    for row in ckpt["updates"]:
+        for key, value in row.items():
+            if not (key.startswith("time_") or key == "update_time_s"):
+                out.setdefault(key, []).append(float(value))
+    return out
+
+
 def _csv(path):
     return [(float(step), float(value)) for step, value in csv.reader(open(path))]
 
@@ -41,10 +60,18 @@ def _csv(path):
                                                      ("Pendulum-v1", "ppo", "ppo"),
                                                      ("Pendulum-v1", "a2c", "a2c"),
                                                      ("CartPole-v1", "trpo", "trpo"),
-                                                     ("CartPole-v1", "wpo", "categorical")])
+                                                     ("CartPole-v1", "wpo", "categorical"),
+                                                     ("Pendulum-v1", "ot_trpo", "sampled")])
 def test_recipe_runs_and_writes_summary_plot_and_logs(tmp_path, env, algo, policy):
-    proc = _run(f"env={env}", f"algo={algo}", *_tiny(), "seed=1", f"hydra.run.dir={tmp_path}")
+    proc = _run(*_smoke_overrides(env, algo, policy), f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The refactoring contract: the same numbers as the recipe before its builders moved into a module
+    # (recorded by commit 73940bd's recipe with `python tests/test_recipe_train.py --record`).
+    recorded = json.loads(NUMBERS.read_text())[f"{env}/{algo}/{policy}"]
+    got = _numbers(tmp_path)
+    assert sorted(got) == sorted(recorded)
+    for key, values in recorded.items():
+        assert got[key] == pytest.approx(values, rel=1e-4, abs=1e-6, nan_ok=True), key
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     # the update's phases add up to its time
@@ -264,3 +291,16 @@ def test_value_and_advantage_is_the_two_mlps_batched():
                                torch.nn.ReLU(), torch.nn.Linear(8, 3))
     with pytest.raises(ValueError, match="Tanh activations only"):
         ValueAndAdvantage(mlp(5, 1, [16, 8], 1.0), relu)
+
+
+if __name__ == "__main__" and "--record" in sys.argv:
+    import tempfile
+
+    recorded = {}
+    for env, algo, policy in test_recipe_runs_and_writes_summary_plot_and_logs.pytestmark[0].args[1]:
+        with tempfile.TemporaryDirectory() as tmp:
+            proc = _run(*_smoke_overrides(env, algo, policy), f"hydra.run.dir={tmp}")
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            recorded[f"{env}/{algo}/{policy}"] = _numbers(Path(tmp))
+    NUMBERS.write_text(json.dumps(recorded, indent=1) + "\n")
+    print(f"wrote {NUMBERS}")
