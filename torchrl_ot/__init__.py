@@ -12,21 +12,24 @@ from torchrl_ot.costs import (
 )
 from torchrl_ot.dual import DualSolver
 from torchrl_ot.functional import DualSolution, solve_dual, tabular_ot_update, transport_plan
-from torchrl_ot.loss import OTTrustRegionLoss
+from torchrl_ot.loss import CategoricalOTLoss, GaussianOTLoss, OTTrustRegionLoss, SampledOTLoss
 from torchrl_ot.targets import MassSplittingTarget
 from torchrl_ot.trpo import TRPOLoss
 
 __all__ = [
     "CallableCost",
+    "CategoricalOTLoss",
     "DiscreteMetricCost",
     "DualSolution",
     "DualSolver",
     "EuclideanCost",
+    "GaussianOTLoss",
     "IndexDistanceCost",
     "L1Cost",
     "MassSplittingTarget",
     "MatrixCost",
     "OTTrustRegionLoss",
+    "SampledOTLoss",
     "TRPOLoss",
     "TransportCost",
     "solve_dual",

@@ -10,7 +10,9 @@ from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey
 
-from torchrl_ot.functional import DualSolution, _check_epsilon, solve_dual
+from torchrl_ot.functional import DualSolution, solve_dual
+from torchrl_ot.keys import SolutionKeys, write_solution
+from torchrl_ot.validation import Radius
 
 __all__ = ["DualSolver", "KeyedModule"]
 
@@ -25,6 +27,7 @@ class KeyedModule(TensorDictModuleBase):
     _AcceptedKeys: type
     _in_fields: tuple[str, ...] = ()
     _out_fields: tuple[str, ...] = ()
+    epsilon = Radius()  # the trust-region radius, checked on every assignment
 
     def __init__(self) -> None:
         super().__init__()
@@ -44,12 +47,6 @@ class KeyedModule(TensorDictModuleBase):
         self.tensor_keys = dataclasses.replace(self.tensor_keys, **kwargs)
         self._sync_keys()
         return self
-
-
-def write_solution(td: TensorDictBase, keys, solution: DualSolution, batch_shape: torch.Size) -> None:
-    """Write a :class:`DualSolution` into ``td``: scalars expanded over the batch (views, no copy)."""
-    for field in ("multiplier", "dual_value", "split", "transport"):
-        td.set(getattr(keys, field), getattr(solution, field).expand(batch_shape))
 
 
 class DualSolver(KeyedModule):
@@ -75,23 +72,20 @@ class DualSolver(KeyedModule):
     """
 
     @dataclass
-    class _AcceptedKeys:
+    class _AcceptedKeys(SolutionKeys):
         """Configurable keys (change with :meth:`set_keys`).
 
         Attributes:
             advantage: input ``[*B, K]`` candidate advantages. Defaults to ``"ot_advantage"``.
             cost: input ``[*B, K]`` transport costs. Defaults to ``"ot_cost"``.
             weight: optional input ``[*B]`` sample masses. Defaults to ``"ot_weight"``.
-            multiplier, dual_value, split, transport, low_index, high_index: outputs.
+            multiplier, dual_value, split, transport (:class:`~torchrl_ot.keys.SolutionKeys`), low_index,
+            high_index: outputs.
         """
 
         advantage: NestedKey = "ot_advantage"
         cost: NestedKey = "ot_cost"
         weight: NestedKey = "ot_weight"
-        multiplier: NestedKey = "ot_multiplier"
-        dual_value: NestedKey = "ot_dual_value"
-        split: NestedKey = "ot_split"
-        transport: NestedKey = "ot_transport"
         low_index: NestedKey = "ot_low_index"
         high_index: NestedKey = "ot_high_index"
 
@@ -100,7 +94,7 @@ class DualSolver(KeyedModule):
 
     def __init__(self, *, epsilon: float) -> None:
         super().__init__()
-        self.epsilon = float(_check_epsilon(epsilon, torch.float64, torch.device("cpu")))
+        self.epsilon = epsilon
 
     def solve(self, td: TensorDictBase) -> DualSolution:
         """Solve without writing anything: the :class:`DualSolution` for ``td``'s samples."""

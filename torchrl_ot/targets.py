@@ -7,10 +7,13 @@ from dataclasses import dataclass
 import torch
 from tensordict import TensorDictBase
 from tensordict.utils import NestedKey
+from torch import Tensor
 
 from torchrl_ot.costs import TransportCost
-from torchrl_ot.dual import KeyedModule, write_solution
-from torchrl_ot.functional import _check_epsilon, tabular_ot_update
+from torchrl_ot.dual import KeyedModule
+from torchrl_ot.functional import DualSolution, tabular_ot_update, tabular_problem, transport_plan
+from torchrl_ot.keys import SolutionKeys, write_solution
+from torchrl_ot.validation import check_bool
 
 __all__ = ["MassSplittingTarget"]
 
@@ -23,13 +26,15 @@ class MassSplittingTarget(KeyedModule):
     ``[*B, A]`` and optionally a state weight ``state_weight`` ``[*B]`` (uniform if absent),
     solves the dual over all (state, action) samples with candidates = all actions, and writes the
     mass-split target ``target_probs`` ``[*B, A]`` (eq. 10) with the diagnostics of
-    :class:`~torchrl_ot.DualSolver`. This is step 5, case 1 (tabular) and case 2 (policy network:
+    :class:`~torchrl_ot.DualSolver`; ``ot_transport`` is what the written target moves (with ``split=False``,
+    WPO's own plan, which can exceed epsilon). This is step 5, case 1 (tabular) and case 2 (policy network:
     regress onto ``target_probs``) of Section 5.
 
     Args:
         cost: a discrete :class:`~torchrl_ot.costs.TransportCost` (its ``matrix(A)`` is used).
         epsilon: trust-region radius (> 0).
-        split: ``True`` for mass splitting; ``False`` for the WPO rule (no splitting).
+        split: ``True`` for mass splitting; ``False`` for the WPO rule (no splitting): all of an action's mass
+            goes to one maximiser, so the update can leave the trust region.
 
     >>> import torch
     >>> from tensordict import TensorDict
@@ -41,7 +46,7 @@ class MassSplittingTarget(KeyedModule):
     """
 
     @dataclass
-    class _AcceptedKeys:
+    class _AcceptedKeys(SolutionKeys):
         """Configurable keys (change with :meth:`set_keys`).
 
         Attributes:
@@ -50,17 +55,13 @@ class MassSplittingTarget(KeyedModule):
                 Defaults to ``"action_advantage"``.
             state_weight: optional input ``[*B]`` state weights. Defaults to ``"state_weight"``.
             target_probs: output ``[*B, A]``. Defaults to ``"target_probs"``.
-            multiplier, dual_value, split, transport: diagnostics, as in ``DualSolver``.
+            multiplier, dual_value, split, transport: diagnostics (:class:`~torchrl_ot.keys.SolutionKeys`).
         """
 
         probs: NestedKey = "probs"
         action_advantage: NestedKey = "action_advantage"
         state_weight: NestedKey = "state_weight"
         target_probs: NestedKey = "target_probs"
-        multiplier: NestedKey = "ot_multiplier"
-        dual_value: NestedKey = "ot_dual_value"
-        split: NestedKey = "ot_split"
-        transport: NestedKey = "ot_transport"
 
     _in_fields = ("probs", "action_advantage")
     _out_fields = ("target_probs", "multiplier", "dual_value", "split", "transport")
@@ -72,11 +73,12 @@ class MassSplittingTarget(KeyedModule):
                 "cost must be a discrete TransportCost (DiscreteMetricCost, IndexDistanceCost, "
                 f"MatrixCost, or CallableCost(discrete=True)), got {cost!r}"
             )
-        self.cost = cost
-        self.epsilon = float(_check_epsilon(epsilon, torch.float64, torch.device("cpu")))
-        self.split = bool(split)
+        check_bool("split", split)
+        self.cost, self.epsilon, self.split = cost, epsilon, split
 
-    def forward(self, td: TensorDictBase) -> TensorDictBase:
+    def solve(self, td: TensorDictBase) -> tuple[Tensor, DualSolution, Tensor]:
+        """Compute without writing anything: the target ``[*B, A]``, the :class:`DualSolution` and the
+        transport of the target (the solution's ``transport``, or WPO's own plan's with ``split=False``)."""
         keys = self.tensor_keys
         probs = td.get(keys.probs).detach()
         adv = td.get(keys.action_advantage).detach()
@@ -87,10 +89,17 @@ class MassSplittingTarget(KeyedModule):
             weight = torch.full(flat_p.shape[:1], 1.0 / max(flat_p.shape[0], 1), dtype=probs.dtype,
                                 device=probs.device)
         cost = self.cost.matrix(n, dtype=probs.dtype).to(probs.device)
-        target, solution = tabular_ot_update(
-            flat_p, adv.reshape(-1, n).to(probs.dtype), weight.reshape(-1).to(probs.dtype), cost,
-            self.epsilon, split=self.split,
-        )
-        td.set(keys.target_probs, target.reshape(*batch, n))
-        write_solution(td, keys, solution, batch)
+        flat_adv, weight = adv.reshape(-1, n).to(probs.dtype), weight.reshape(-1).to(probs.dtype)
+        target, solution = tabular_ot_update(flat_p, flat_adv, weight, cost, self.epsilon, split=self.split)
+        transport = solution.transport
+        if not self.split:  # WPO's plan moves more than the split optimum: report what it moves
+            _, c_flat, w_flat = tabular_problem(flat_p, flat_adv, weight, cost)
+            plan = transport_plan(solution, n, split=False)
+            transport = (w_flat * (plan * c_flat).sum(-1)).sum()
+        return target.reshape(*batch, n), solution, transport
+
+    def forward(self, td: TensorDictBase) -> TensorDictBase:
+        target, solution, transport = self.solve(td)
+        td.set(self.tensor_keys.target_probs, target)
+        write_solution(td, self.tensor_keys, solution, target.shape[:-1], transport=transport)
         return td

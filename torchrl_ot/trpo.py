@@ -2,44 +2,22 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from tensordict import TensorDict, TensorDictBase, TensorDictParams
-from tensordict.nn import ProbabilisticTensorDictModule, TensorDictModule, dispatch
+from tensordict.nn import TensorDictModule, dispatch
 from tensordict.utils import NestedKey
 from torch import Tensor
 from torch.distributions import Distribution, kl_divergence
-from torch.nn.utils import parameters_to_vector
 from torchrl.modules.distributions.utils import has_analytic_entropy
-from torchrl.objectives.utils import (
-    ValueEstimators,
-    _get_default_device,
-    distance_loss,
-)
 
-from torchrl_ot._actor_critic import ActorCriticLoss
+from torchrl_ot._actor_critic import ActorCriticKeys, ActorCriticLoss, get_flat_params, set_flat_params
+from torchrl_ot.validation import check_positive_int, check_real
 
 __all__ = ["TRPOLoss", "conjugate_gradient", "fisher_vector_product", "flat_grad", "get_flat_params",
            "set_flat_params"]
-
-
-def get_flat_params(params: Sequence[Tensor]) -> Tensor:
-    """The parameters as one detached vector (a copy: later in-place updates leave it alone)."""
-    return parameters_to_vector(params).detach().clone()
-
-
-def set_flat_params(params: Sequence[Tensor], flat: Tensor) -> None:
-    """Copy ``flat`` into ``params`` in place (bit exact). Not ``vector_to_parameters``: it rebinds each
-    ``param.data`` to a view of ``flat``, so tensors sharing the old storage (e.g. a collector's weights) go stale."""
-    sizes = [p.numel() for p in params]
-    if flat.numel() != sum(sizes):
-        raise ValueError(f"flat has {flat.numel()} entries, the parameters {sum(sizes)}")
-    with torch.no_grad():
-        for p, chunk in zip(params, flat.split(sizes), strict=True):
-            p.copy_(chunk.view_as(p))
 
 
 def flat_grad(output: Tensor, params: Sequence[Tensor], *, create_graph: bool = False,
@@ -150,17 +128,9 @@ class TRPOLoss(ActorCriticLoss):
     """
 
     @dataclass
-    class _AcceptedKeys:
-        """Configurable tensordict keys (change with ``set_keys``; value-estimator keys are forwarded)."""
-
-        advantage: NestedKey = "advantage"
-        value_target: NestedKey = "value_target"
-        value: NestedKey = "state_value"
-        action: NestedKey = "action"
-        reward: NestedKey = "reward"
-        done: NestedKey = "done"
-        terminated: NestedKey = "terminated"
-        sample_log_prob: NestedKey = "action_log_prob"
+    class _AcceptedKeys(ActorCriticKeys):
+        """Configurable tensordict keys (change with ``set_keys``; value-estimator keys are forwarded): those of
+        TorchRL's A2C/PPO losses."""
 
     default_keys = _AcceptedKeys
     tensor_keys: _AcceptedKeys
@@ -171,47 +141,20 @@ class TRPOLoss(ActorCriticLoss):
     critic_network_params: TensorDictParams
     target_actor_network_params: TensorDictParams
     target_critic_network_params: TensorDictParams
-    default_value_estimator = ValueEstimators.GAE
-    SUPPORTED_VALUE_ESTIMATORS = (ValueEstimators.TD0, ValueEstimators.TD1, ValueEstimators.TDLambda,
-                                  ValueEstimators.GAE)
-
     def __init__(self, actor_network: TensorDictModule, critic_network: TensorDictModule, *, max_kl: float = 0.01,
                  cg_iters: int = 10, cg_damping: float = 0.1, backtrack_iters: int = 10, backtrack_coeff: float = 0.5,
                  critic_coeff: float = 1.0, loss_critic_type: str = "l2", entropy_coeff: float | None = None,
                  reduction: str = "mean", functional: bool = True) -> None:
-        real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1
-        for name, value, ok, what in (
-                ("max_kl", max_kl, real(max_kl) and max_kl > 0, "a finite float > 0"),
-                ("cg_iters", cg_iters, count(cg_iters), "an int >= 1"),
-                ("cg_damping", cg_damping, real(cg_damping) and cg_damping >= 0, "a finite float >= 0"),
-                ("backtrack_iters", backtrack_iters, count(backtrack_iters), "an int >= 1"),
-                ("backtrack_coeff", backtrack_coeff, real(backtrack_coeff) and 0 < backtrack_coeff < 1, "in (0, 1)"),
-                ("critic_coeff", critic_coeff, real(critic_coeff) and critic_coeff >= 0, "a finite float >= 0"),
-                ("entropy_coeff", entropy_coeff, entropy_coeff is None or real(entropy_coeff), "None or finite"),
-                ("loss_critic_type", loss_critic_type, loss_critic_type in ("l1", "l2", "smooth_l1"),
-                 "'l1', 'l2' or 'smooth_l1'"),
-                ("reduction", reduction, reduction in ("mean", "sum", "none"), "'mean', 'sum' or 'none'")):
-            if not ok:
-                raise ValueError(f"{name} must be {what}, got {value!r}")
-        dist_modules = [m for m in actor_network.modules() if isinstance(m, ProbabilisticTensorDictModule)]
-        if not dist_modules:
-            raise ValueError("actor_network must be a probabilistic actor (e.g. torchrl's ProbabilisticActor)")
-        self._functional = functional
-        super().__init__()
-        for name, net in (("actor_network", actor_network), ("critic_network", critic_network)):
-            self.convert_to_functional(net, name) if functional else setattr(self, name, net)
-        if not functional:
-            self.target_critic_network_params = None  # read by the value estimator call, as in A2C
+        check_real("max_kl", max_kl, low=0, low_open=True)
+        check_positive_int("cg_iters", cg_iters)
+        check_real("cg_damping", cg_damping, low=0)
+        check_positive_int("backtrack_iters", backtrack_iters)
+        check_real("backtrack_coeff", backtrack_coeff, low=0, low_open=True, high=1, high_open=True)
+        super().__init__({"actor_network": actor_network, "critic_network": critic_network},
+                         entropy_coeff=entropy_coeff, critic_coeff=critic_coeff, loss_critic_type=loss_critic_type,
+                         reduction=reduction, functional=functional)
         self.max_kl, self.cg_iters, self.cg_damping = float(max_kl), cg_iters, float(cg_damping)
         self.backtrack_iters, self.backtrack_coeff = backtrack_iters, float(backtrack_coeff)
-        self.loss_critic_type, self.reduction = loss_critic_type, reduction
-        device = _get_default_device(self)
-        self.register_coeff_buffer("entropy_coeff", entropy_coeff, device=device)
-        self.register_coeff_buffer("critic_coeff", critic_coeff, device=device)
-        self._dist_keys = list(dist_modules[-1].in_keys)
-        if getattr(actor_network, "log_prob_keys", None):
-            self.set_keys(sample_log_prob=actor_network.log_prob_keys[0], action=actor_network.dist_sample_keys[0])
 
     @property
     def in_keys(self) -> list[NestedKey]:
@@ -225,22 +168,14 @@ class TRPOLoss(ActorCriticLoss):
     def out_keys(self) -> list[str]:
         return ["loss_objective", "loss_critic", "kl", *(["entropy"] if self.entropy_coeff is not None else [])]
 
-    def _current_dist(self, td: TensorDictBase) -> Distribution:
-        with self._params("actor_network"):
-            return self.actor_network.get_dist(td.select(*self.actor_network.in_keys, strict=False).copy())
-
     def _prepare(self, tensordict: TensorDictBase) -> TensorDictBase:
         """A flat shallow copy with the advantage (run the value estimator if missing), NaN/inf refused."""
         td = tensordict.clone(False)  # never mutate the caller's batch
         if td.get(self.tensor_keys.advantage, None) is None:
-            self.value_estimator(td, params=self._cached_detach_critic_network_params,
-                                 target_params=self.target_critic_network_params)
+            self._estimate_advantage(td)
         keys = self.tensor_keys
-        for key in dict.fromkeys([*self.actor_network.in_keys, *self._dist_keys, keys.action, keys.advantage,
-                                  keys.sample_log_prob, keys.value_target]):
-            value = td.get(key, None)
-            if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise ValueError(f"{key!r} reaching TRPOLoss contains NaN or inf; refusing a NaN update")
+        self._check_entries(td, [*self.actor_network.in_keys, *self._dist_keys, keys.action, keys.advantage,
+                                 keys.sample_log_prob, keys.value_target])
         if td.get(keys.advantage).numel() != td.numel():
             raise ValueError(f"advantage must hold one value per sample, got {tuple(td.get(keys.advantage).shape)}")
         return td.reshape(-1)
@@ -273,10 +208,7 @@ class TRPOLoss(ActorCriticLoss):
             with torch.no_grad():
                 old = self._current_dist(flat)
         surrogate, kl, dist = self._objective(flat, old, self._old_log_prob(flat, old))
-        with self._params("critic_network"):
-            value = self.critic_network(flat.select(*self.critic_network.in_keys, strict=False))
-        value = value.get(self.tensor_keys.value)
-        critic = distance_loss(value, flat.get(self.tensor_keys.value_target).to(value.dtype), self.loss_critic_type)
+        critic = self._critic_loss(self._run("critic_network", flat), flat)
         shape = tensordict.shape
         out = {"loss_objective": self._reduce_loss(-surrogate.reshape(shape), tensordict),
                "loss_critic": self._reduce_loss(self.critic_coeff * critic.reshape(shape), tensordict),

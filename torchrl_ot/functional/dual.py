@@ -1,4 +1,4 @@
-"""Pure-tensor core of OT-TRPO: the exact one-dimensional dual and the mass-splitting update.
+"""The exact one-dimensional dual of the OT trust-region problem and the optimal plan it defines.
 
 Every setting of the paper is flattened into *samples* ``b`` (mass ``weight[b]``) and
 *candidates* ``k`` (``advantage[b, k]``, ``cost[b, k]``); see ``docs/equations.md``. The dual
@@ -21,16 +21,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = [
-    "DualSolution",
-    "solve_dual",
-    "dual_objective",
-    "transport_plan",
-    "tabular_problem",
-    "tabular_ot_update",
-    "categorical_transport",
-    "gaussian_transport_bound",
-]
+from torchrl_ot.validation import check_epsilon, check_finite
+
+__all__ = ["DualSolution", "dual_objective", "solve_dual", "transport_plan"]
 
 
 @dataclass(frozen=True)
@@ -72,29 +65,6 @@ class DualSolution:
 # input checks
 
 
-def _check_finite(x: Tensor, name: str, *, nonneg: bool = False) -> None:
-    lo, hi = torch.aminmax(x)
-    # aminmax propagates NaN, so one pass covers NaN, inf and the sign.
-    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
-        raise ValueError(f"{name} must be finite; it contains NaN or inf")
-    if nonneg and bool(lo < 0):
-        raise ValueError(f"{name} must be non-negative; its smallest entry is {lo.item():.6g}")
-
-
-def _check_epsilon(epsilon: float | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
-    if isinstance(epsilon, Tensor):
-        if epsilon.numel() != 1:
-            raise ValueError(f"epsilon must be a float or a 0-dim tensor, got shape {tuple(epsilon.shape)}")
-        eps = epsilon.detach().reshape(()).to(dtype=dtype, device=device)
-    elif isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool):
-        eps = torch.tensor(float(epsilon), dtype=dtype, device=device)
-    else:
-        raise ValueError(f"epsilon must be a positive float or 0-dim tensor, got {type(epsilon).__name__}")
-    if not bool(torch.isfinite(eps)) or not bool(eps > 0):
-        raise ValueError(f"epsilon must be positive and finite, got {eps.item()!r}")
-    return eps
-
-
 def _check_dual_inputs(advantage: Tensor, cost: Tensor, weight: Tensor, epsilon: float | Tensor):
     for name, x in (("advantage", advantage), ("cost", cost), ("weight", weight)):
         if not isinstance(x, Tensor):
@@ -120,10 +90,10 @@ def _check_dual_inputs(advantage: Tensor, cost: Tensor, weight: Tensor, epsilon:
             f"advantage, cost and weight must share a device, got {device}, {cost.device}, {weight.device}"
         )
     advantage, cost, weight = (x.detach().to(dtype) for x in (advantage, cost, weight))
-    _check_finite(advantage, "advantage")
-    _check_finite(cost, "cost", nonneg=True)
-    _check_finite(weight, "weight", nonneg=True)
-    return advantage, cost, weight, _check_epsilon(epsilon, dtype, device)
+    check_finite(advantage, "advantage")
+    check_finite(cost, "cost", nonneg=True)
+    check_finite(weight, "weight", nonneg=True)
+    return advantage, cost, weight, check_epsilon(epsilon, dtype, device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,188 +346,3 @@ def transport_plan(solution: DualSolution, num_candidates: int, *, split: bool =
     else:
         plan.scatter_(-1, torch.minimum(low, high)[:, None], 1.0)
     return plan
-
-
-def tabular_problem(policy: Tensor, advantage: Tensor, state_weight: Tensor, cost: Tensor):
-    """Flatten the direct-parametrisation problem (Corollary 3) into ``[S*A, A]`` samples.
-
-    Sample (i, j) carries mass ``rho_i pi_ij``; candidate k has advantage ``A(s_i, a_k)`` and
-    cost ``c(a_j, a_k)``. Returns ``(advantage, cost, weight)`` for :func:`solve_dual`.
-    """
-    S, A = policy.shape
-    adv = advantage[:, None, :].expand(S, A, A).reshape(S * A, A)
-    c = cost[None].expand(S, A, A).reshape(S * A, A)
-    w = (state_weight[:, None] * policy).reshape(S * A)
-    return adv, c, w
-
-
-def _check_tabular(policy: Tensor, advantage: Tensor, state_weight: Tensor, cost: Tensor) -> None:
-    for name, x in (("policy", policy), ("advantage", advantage), ("state_weight", state_weight),
-                    ("cost", cost)):
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise ValueError(f"{name} must be a floating torch.Tensor")
-    if policy.dim() != 2 or policy.shape[0] == 0 or policy.shape[1] == 0:
-        raise ValueError(f"policy must have shape [S, A] with S, A >= 1, got {tuple(policy.shape)}")
-    S, A = policy.shape
-    if advantage.shape != policy.shape:
-        raise ValueError(f"advantage must have the policy's shape [{S}, {A}], got {tuple(advantage.shape)}")
-    if state_weight.shape != (S,):
-        raise ValueError(f"state_weight must have shape [{S}], got {tuple(state_weight.shape)}")
-    if cost.shape != (A, A):
-        raise ValueError(f"cost must have shape [{A}, {A}], got {tuple(cost.shape)}")
-    _check_finite(policy, "policy", nonneg=True)
-    row = policy.sum(-1)
-    if bool(((row - 1).abs() > 1e-5).any()):
-        raise ValueError("policy rows must lie on the simplex (each row sums to 1)")
-    _check_finite(advantage, "advantage")
-    _check_finite(state_weight, "state_weight", nonneg=True)
-    _check_finite(cost, "cost", nonneg=True)
-    if bool((cost.diagonal() != 0).any()):
-        raise ValueError("cost must have a zero diagonal (c(a, a) = 0, Assumption 2)")
-
-
-def tabular_ot_update(policy: Tensor, advantage: Tensor, state_weight: Tensor, cost: Tensor,
-                      epsilon: float | Tensor, split: bool = True) -> tuple[Tensor, DualSolution]:
-    """One exact OT-TRPO step for a tabular policy (Corollary 3, eq. 9-10).
-
-    Args:
-        policy: ``[S, A]`` current policy, rows on the simplex.
-        advantage: ``[S, A]`` advantage estimates ``A(s, a)``.
-        state_weight: ``[S]`` state weights ``rho(s) >= 0`` (e.g. discounted visitation).
-        cost: ``[A, A]`` transport-cost matrix with a zero diagonal.
-        epsilon: trust-region radius.
-        split: ``True`` for the optimal mass-splitting update; ``False`` for the WPO rule.
-
-    Returns:
-        ``(new_policy, solution)``. States with ``rho(s) = 0`` enter neither the surrogate nor the
-        constraint, so any update there is optimal; they get the same lam*-regularised transport
-        maps as every other state (the limit of the problem as their weight goes to 0), which
-        keeps unvisited states improving with the rest instead of freezing them.
-
-    >>> import torch
-    >>> pi = torch.full((1, 2), 0.5, dtype=torch.float64)
-    >>> adv = torch.tensor([[-1.0, 1.0]], dtype=torch.float64)
-    >>> cost = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
-    >>> new, sol = tabular_ot_update(pi, adv, torch.ones(1, dtype=torch.float64), cost, 0.2)
-    >>> new   # 0.2 of mass moves from action 0 to action 1
-    tensor([[0.3000, 0.7000]], dtype=torch.float64)
-    """
-    _check_tabular(policy, advantage, state_weight, cost)
-    S, A = policy.shape
-    adv, c, w = tabular_problem(policy, advantage, state_weight, cost)
-    solution = solve_dual(adv, c, w, epsilon)
-    plan = transport_plan(solution, A, split=split).to(policy.dtype)
-    new_policy = (policy.reshape(S * A, 1) * plan).reshape(S, A, A).sum(1)
-    return new_policy, solution
-
-
-# -------------------------------------------------------------------------------------------------
-# The constraint of Problem (P) for a fitted network: the OT discrepancy (eq. 1) between pi_old and pi_theta
-
-
-def _is_uniform_metric(cost: Tensor) -> bool:
-    off = cost[~torch.eye(cost.shape[0], dtype=torch.bool, device=cost.device)]
-    return off.numel() == 0 or bool((off == off[0]).all())
-
-
-def categorical_transport(old: Tensor, new: Tensor, cost: Tensor) -> Tensor:
-    """Exact OT discrepancy ``C(old(.|s), new(.|s))`` (eq. 1) per state between two categorical policies.
-
-    Args:
-        old, new: ``[B, A]`` probabilities (rows on the simplex). cost: ``[A, A]`` cost matrix, zero diagonal.
-
-    Returns ``[B]``. Closed forms where they exist: a cost that charges every move the same ``c`` (the
-    0/1 metric: ``c`` times the total variation ``0.5 sum |old - new|``), ``c |i - j|`` on ordered
-    actions (the gap between the two CDFs) and two actions (the surplus of one action moves to the
-    other). Any other matrix is solved state by state by POT's exact network simplex (``ot.emd2``).
-    Exact either way: this is what checks that a fitted network stayed inside the trust region, so it
-    is never estimated.
-
-    >>> import torch
-    >>> old = torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float64)
-    >>> new = torch.tensor([[0.2, 0.5, 0.3]], dtype=torch.float64)
-    >>> categorical_transport(old, new, torch.ones(3, 3, dtype=torch.float64) - torch.eye(3, dtype=torch.float64))
-    tensor([0.3000], dtype=torch.float64)
-    >>> categorical_transport(old, new, torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 1.0], [2.0, 1.0, 0.0]],
-    ...                                              dtype=torch.float64))   # 0.3 moves two steps
-    tensor([0.6000], dtype=torch.float64)
-    """
-    for name, x in (("old", old), ("new", new)):
-        if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() != 2:
-            raise ValueError(f"{name} must be a floating [B, A] tensor of probabilities")
-        _check_finite(x, name, nonneg=True)
-    if new.shape != old.shape:
-        raise ValueError(f"new must have old's shape {tuple(old.shape)}, got {tuple(new.shape)}")
-    A = old.shape[1]
-    if not isinstance(cost, Tensor) or cost.shape != (A, A):
-        raise ValueError(f"cost must be a [{A}, {A}] tensor, got {getattr(cost, 'shape', type(cost).__name__)}")
-    _check_finite(cost, "cost", nonneg=True)
-    if bool((cost.diagonal() != 0).any()):
-        raise ValueError("cost must have a zero diagonal (c(a, a) = 0, Assumption 2)")
-    cost = cost.to(old.dtype)
-    if _is_uniform_metric(cost):
-        move = cost[0, 1] if A > 1 else cost.new_zeros(())
-        return move * 0.5 * (old - new).abs().sum(-1)
-    line = (torch.arange(A, device=cost.device)[:, None] - torch.arange(A, device=cost.device)[None, :]).abs()
-    if A > 1 and torch.equal(cost, cost[0, 1] * line.to(cost.dtype)):
-        # |i - j| on ordered actions (IndexDistanceCost(p=1)): W1 on a line, the gap between the CDFs.
-        return cost[0, 1] * (old.cumsum(-1) - new.cumsum(-1))[:, :-1].abs().sum(-1)
-    if A == 2:
-        surplus = old[:, 0] - new[:, 0]  # > 0: action 0's surplus moves to action 1
-        return torch.where(surplus > 0, surplus * cost[0, 1], -surplus * cost[1, 0])
-    import numpy as np
-    import ot
-
-    p, q = old.detach().double().cpu().numpy(), new.detach().double().cpu().numpy()
-    c = np.ascontiguousarray(cost.detach().double().cpu().numpy())
-    # emd2 wants equal masses to rounding: renormalise each row.
-    out = [float(ot.emd2(a / a.sum(), b / b.sum(), c)) if not np.array_equal(a, b) else 0.0
-           for a, b in zip(p, q, strict=True)]
-    return torch.tensor(out, dtype=old.dtype, device=old.device)
-
-
-def gaussian_transport_bound(old_loc: Tensor, old_scale: Tensor, new_loc: Tensor, new_scale: Tensor, cost,
-                             lipschitz: float | Tensor = 1.0) -> Tensor:
-    """An upper bound on ``C(pi_old(.|s), pi_theta(.|s))`` (eq. 1) per state for diagonal Gaussians pushed
-    through a map that is ``lipschitz``-Lipschitz in each coordinate (1 for none; ``(high - low) / 2`` for
-    TorchRL's ``TanhNormal``).
-
-    The synchronous coupling (both actions from the same noise ``z``) moves coordinate i by at most
-    ``L_i |dloc_i + dscale_i z_i|``. With equal scales that is at most ``L |dloc|`` surely, so the bound is
-    ``cost(0, L |dloc|)`` for any cost that grows with each coordinate's distance (:class:`EuclideanCost`,
-    :class:`L1Cost`). With different scales the expectation is closed-form only for the squared Euclidean
-    cost: ``sum_i L_i^2 (dloc_i^2 + dscale_i^2)`` (the Gaussians' exact W2^2 when ``L = 1``). Returns ``[B]``.
-
-    >>> import torch
-    >>> from torchrl_ot.costs import EuclideanCost
-    >>> loc0, loc1, s = torch.zeros(1, 2), torch.tensor([[0.3, -0.4]]), torch.ones(1, 2)
-    >>> gaussian_transport_bound(loc0, s, loc1, s, EuclideanCost())
-    tensor([0.2500])
-    >>> gaussian_transport_bound(loc0, s, loc1, s, EuclideanCost(p=1), lipschitz=2.0)   # actions in [-2, 2]
-    tensor([1.])
-    """
-    from torchrl_ot.costs import EuclideanCost, L1Cost
-
-    if not isinstance(cost, (EuclideanCost, L1Cost)):
-        raise ValueError(f"cost must be an EuclideanCost or L1Cost (a cost that grows with each coordinate's "
-                         f"distance), got {type(cost).__name__}")
-    args = {"old_loc": old_loc, "old_scale": old_scale, "new_loc": new_loc, "new_scale": new_scale}
-    for name, x in args.items():
-        if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0:
-            raise ValueError(f"{name} must be a floating [..., d] tensor")
-        _check_finite(x, name, nonneg=name.endswith("scale"))
-    try:
-        shape = torch.broadcast_shapes(*(x.shape for x in args.values()))
-    except RuntimeError as err:
-        raise ValueError("old_loc, old_scale, new_loc and new_scale must broadcast to one [..., d] shape, got "
-                         + ", ".join(str(tuple(x.shape)) for x in args.values())) from err
-    lip = torch.as_tensor(lipschitz, dtype=new_loc.dtype, device=new_loc.device)
-    _check_finite(lip, "lipschitz", nonneg=True)
-    dloc = (lip * (new_loc - old_loc)).expand(shape)
-    dscale = (lip * (new_scale - old_scale)).expand(shape)
-    if bool((dscale == 0).all()):
-        return cost(torch.zeros_like(dloc), dloc.abs())
-    if isinstance(cost, EuclideanCost) and cost.p == 2.0:
-        return (dloc.pow(2) + dscale.pow(2)).sum(-1)
-    raise ValueError("old and new scales differ: the bound is closed-form only for the squared Euclidean cost "
-                     f"(EuclideanCost(p=2)), got {cost!r}")

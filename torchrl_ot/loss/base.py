@@ -1,0 +1,400 @@
+"""``OTTrustRegionLoss``: the practical OT-TRPO update of Section 5 (Algorithm 1, steps 4-5) as a TorchRL loss.
+
+This module holds what every policy setting shares: the exact solve for lam* once per collected batch
+(:meth:`~OTTrustRegionLoss.solve_multiplier`), the losses (:meth:`~OTTrustRegionLoss.forward`), what the fitted
+network moved (:meth:`~OTTrustRegionLoss.realised_transport`) and the projection of its step into the radius
+(:meth:`~OTTrustRegionLoss.project_into_trust_region`). Each is a skeleton around one hook that a setting
+implements: ``_candidates`` (step 4: the candidates, their advantages and costs, and the solution),
+``_objective`` (step 5: the per-sample objective) and ``_transport`` (the OT discrepancy between pi_old and
+pi_theta at a state). The settings live beside it: :mod:`~torchrl_ot.loss.gaussian`,
+:mod:`~torchrl_ot.loss.categorical`, :mod:`~torchrl_ot.loss.sampled`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDict, TensorDictBase, TensorDictParams
+from tensordict.nn import TensorDictModule, dispatch
+from tensordict.utils import NestedKey
+from torch import Tensor
+
+from torchrl_ot._actor_critic import ActorCriticKeys, ActorCriticLoss, get_flat_params, set_flat_params
+from torchrl_ot.costs import TransportCost
+from torchrl_ot.functional import DualSolution
+from torchrl_ot.keys import OTKeys, write_solution
+from torchrl_ot.validation import check_choice, check_epsilon, check_positive_int
+
+__all__ = ["OTTrustRegionLoss"]
+
+
+class _SettingFactory(type(ActorCriticLoss)):
+    """``OTTrustRegionLoss(..., policy=...)`` builds the setting's class (user code written against the single
+    class keeps working); the options of the other settings are accepted at their defaults and refused
+    otherwise, naming the setting they belong to."""
+
+    def __init__(cls, name, bases, namespace, **kwargs) -> None:
+        super().__init__(name, bases, namespace)  # the class keywords went to __init_subclass__
+
+    def __call__(cls, *args, **kwargs):
+        if cls is OTTrustRegionLoss:
+            policy = kwargs.pop("policy", "gaussian")
+            paper = ("gaussian", "categorical", "sampled")  # Section 5's order, then any added setting
+            check_choice("policy", policy, sorted(cls.settings, key=lambda p: (p not in paper, paper.index(p)
+                                                                                if p in paper else p)))
+            cls = cls.settings[policy]
+            for option, (default, owners) in OTTrustRegionLoss.setting_options.items():
+                if option in kwargs and policy not in owners:
+                    value = kwargs.pop(option)
+                    if value is not default and value != default:
+                        raise ValueError(f"{option}={value!r} is an option of policy={' or '.join(map(repr, owners))}"
+                                         f" only, got policy={policy!r}")
+        return super().__call__(*args, **kwargs)
+
+
+class OTTrustRegionLoss(ActorCriticLoss, metaclass=_SettingFactory):
+    """OT-TRPO loss: Algorithm 1 of the paper, step 4 (solve for lam*) and step 5 (update theta).
+
+    The dual (eq. 12) ``G(lam) = lam * eps + sum_b w_b max_k (A_bk - lam c_bk)`` is solved *exactly* by
+    :class:`~torchrl_ot.DualSolver` (or, for discrete actions, :class:`~torchrl_ot.MassSplittingTarget`) with
+    uniform weights ``w_b = 1/B`` over the visited states (step 3: "we weight every visited state equally").
+    One class per setting of Section 5 (``policy=`` here builds it):
+
+    * :class:`~torchrl_ot.loss.GaussianOTLoss` (``"gaussian"``): the hinge of step 5 case 3 on the deterministic
+      action; options ``mirror``;
+    * :class:`~torchrl_ot.loss.CategoricalOTLoss` (``"categorical"``): regression onto the mass-split target
+      (eq. 9-10); options ``advantage_network``, ``split``;
+    * :class:`~torchrl_ot.loss.SampledOTLoss` (``"sampled"``): candidates drawn from pi_old (step 4 case 3);
+      options ``advantage_network``, ``num_candidates``.
+
+    Where a setting has an advantage network it is a critic: ``loss_critic`` adds its regression
+    ``(A(s_b, a_b) - A^GAE_b)^2`` at the taken action to the value loss. Only the actor gets gradients from
+    ``loss_objective``; only the critics from ``loss_critic``.
+
+    **Solve once, then optimise.** :meth:`solve_multiplier` computes lam* (and the setting's target or
+    candidates) exactly ONCE per collected batch, before the epochs, and writes them into the batch as data
+    (``ot_multiplier`` etc. expanded over the batch, and pi_old's distribution parameters if absent) so that
+    minibatches sampled from it carry them; :meth:`forward` reads them, and calls :meth:`solve_multiplier` on its
+    own copy of the input when they are absent. Departure from the paper: its step 5 is an exact argmax for a
+    fixed lam*; several epochs of minibatch SGD on that fixed lam* only approximate it, so the fitted network's
+    transport may differ from ``epsilon`` (``ot_transport`` reports the *exact* update's transport).
+    :meth:`realised_transport` measures what the network moved, and :meth:`project_into_trust_region` backtracks
+    the actor's step until it is inside the radius (an addition to the paper's step 5).
+
+    Args:
+        actor_network: a ``ProbabilisticActor``; critic_network: a ``ValueOperator``.
+        cost: the :class:`~torchrl_ot.costs.TransportCost` ``c(a, a')``; epsilon: the radius (> 0; checked on
+            every assignment to ``loss.epsilon`` too).
+        policy: ``"gaussian"`` (default), ``"categorical"`` or ``"sampled"``: the setting's class is built, with
+            the setting's own keywords (above).
+        entropy_coeff: if set, adds ``loss_entropy = -entropy_coeff * entropy``.
+        critic_coeff, loss_critic_type (``"l2"``, ``"l1"``, ``"smooth_l1"``), reduction (``"mean"``, ``"sum"``,
+            ``"none"``), functional: as in TorchRL's A2C loss.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from tensordict import TensorDict
+    >>> from tensordict.nn import TensorDictModule
+    >>> from torchrl.modules import NormalParamExtractor, ProbabilisticActor, TanhNormal, ValueOperator
+    >>> from torchrl_ot.costs import EuclideanCost
+    >>> _ = torch.manual_seed(0)
+    >>> net = TensorDictModule(nn.Sequential(nn.Linear(3, 2), NormalParamExtractor()), ["observation"],
+    ...                        ["loc", "scale"])
+    >>> actor = ProbabilisticActor(net, in_keys=["loc", "scale"], distribution_class=TanhNormal)
+    >>> critic = ValueOperator(nn.Linear(3, 1), in_keys=["observation"])
+    >>> loss = OTTrustRegionLoss(actor, critic, cost=EuclideanCost(), epsilon=0.01)
+    >>> type(loss).__name__
+    'GaussianOTLoss'
+    >>> data = TensorDict({"observation": torch.randn(4, 3), "action": torch.tensor([[0.9], [-0.9], [0.5], [0.0]]),
+    ...                    "advantage": torch.tensor([[1.0], [-1.0], [2.0], [0.5]]), "value_target": torch.zeros(4, 1)},
+    ...                   batch_size=[4])
+    >>> sol = loss.solve_multiplier(data)  # once per collected batch: lam* is now stored in data
+    >>> bool(sol.multiplier > 0), round(sol.transport.item(), 6)  # binding: the exact update moves epsilon
+    (True, 0.01)
+    >>> out = loss(data)
+    >>> sorted(out.keys())
+    ['loss_critic', 'loss_objective', 'ot_active_fraction', 'ot_multiplier', 'ot_split', 'ot_transport']
+    >>> out["loss_objective"].backward()
+    """
+
+    @dataclass
+    class _AcceptedKeys(ActorCriticKeys, OTKeys):
+        """Configurable tensordict keys (change with ``set_keys``; value-estimator keys are forwarded).
+
+        ``advantage`` ... ``sample_log_prob`` are as in TorchRL's A2C/PPO; ``multiplier``, ``split`` and
+        ``transport`` (:class:`~torchrl_ot.keys.OTKeys`) are written by ``solve_multiplier``, as are a setting's
+        own entries (``action_advantage``, the output of an advantage network; ``ot_target_probs`` and
+        ``ot_behaviour_probs``, "categorical"; ``ot_candidates`` ``[..., K, d]`` with their advantages
+        ``ot_candidate_advantage`` ``[..., K]``, "sampled", or the mirror images, "gaussian" with ``mirror``).
+        """
+
+        action_advantage: NestedKey = "action_advantage"
+        target_probs: NestedKey = "ot_target_probs"
+        behaviour_probs: NestedKey = "ot_behaviour_probs"
+        candidates: NestedKey = "ot_candidates"
+        candidate_advantage: NestedKey = "ot_candidate_advantage"
+
+    default_keys = _AcceptedKeys
+    tensor_keys: _AcceptedKeys
+    # Declared so that convert_to_functional finds them (TorchRL warns about undeclared networks).
+    actor_network: TensorDictModule
+    critic_network: TensorDictModule
+    advantage_network: TensorDictModule
+    actor_network_params: TensorDictParams
+    critic_network_params: TensorDictParams
+    advantage_network_params: TensorDictParams
+    target_actor_network_params: TensorDictParams
+    target_critic_network_params: TensorDictParams
+    target_advantage_network_params: TensorDictParams
+
+    # Filled by the settings' modules: policy name -> class, and each setting-specific keyword -> (its default,
+    # the policies that take it), for the factory.
+    settings: dict[str, type[OTTrustRegionLoss]] = {}
+    setting_options: dict[str, tuple[object, tuple[str, ...]]] = {}
+    policy: str
+    discrete_cost: bool = False
+
+    def __init_subclass__(cls, *, policy: str | None = None, options: dict | None = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if policy is not None:
+            cls.policy = policy
+            OTTrustRegionLoss.settings[policy] = cls
+            for option, default in (options or {}).items():
+                owners = OTTrustRegionLoss.setting_options.get(option, (default, ()))[1]
+                OTTrustRegionLoss.setting_options[option] = (default, (*owners, policy))
+
+    def __init__(self, actor_network: TensorDictModule, critic_network: TensorDictModule, *, cost: TransportCost,
+                 epsilon: float, advantage_network: TensorDictModule | None = None,
+                 entropy_coeff: float | None = None, critic_coeff: float = 1.0, loss_critic_type: str = "l2",
+                 reduction: str = "mean", functional: bool = True) -> None:
+        if type(self) is OTTrustRegionLoss:
+            raise TypeError("OTTrustRegionLoss is built through policy=...; subclass it for a new setting")
+        epsilon = float(check_epsilon(epsilon))
+        if not isinstance(cost, TransportCost):
+            raise ValueError(f"cost must be a torchrl_ot TransportCost, got {type(cost).__name__}")
+        if cost.discrete != self.discrete_cost:
+            raise ValueError(f"policy={self.policy!r} needs a {'discrete' if self.discrete_cost else 'continuous'} "
+                             f"cost, got {type(cost).__name__}")
+        networks = {"actor_network": actor_network, "critic_network": critic_network}
+        if advantage_network is not None:
+            networks["advantage_network"] = advantage_network
+        super().__init__(networks, entropy_coeff=entropy_coeff, critic_coeff=critic_coeff,
+                         loss_critic_type=loss_critic_type, reduction=reduction, functional=functional)
+        self.cost, self._has_advantage_network = cost, advantage_network is not None
+        self._solver = self._make_solver(epsilon)
+
+    # ---------------------------------------------------------------------------------------------
+    # the setting's hooks
+
+    def _make_solver(self, epsilon: float):
+        """The TensorDict module that solves step 4 exactly (it holds ``epsilon``)."""
+        from torchrl_ot.dual import DualSolver
+
+        return DualSolver(epsilon=epsilon)
+
+    def _needed_keys(self) -> list[NestedKey]:
+        """What :meth:`forward` reads beyond the advantage and the solution (recorded by ``solve_multiplier``)."""
+        return []
+
+    def _candidates(self, flat: TensorDictBase, old, adv: Tensor) -> tuple[DualSolution, dict, Tensor | None]:
+        """Step 4 on the flat batch (pi_old ``old``, float64 advantages ``adv``): the exact solution, the entries
+        to record per sample (flat, ``[n, ...]``) and the transport to report (None: the solution's)."""
+        raise NotImplementedError
+
+    def _objective(self, flat: TensorDictBase, dist, lam: Tensor, adv: Tensor,
+                   critic_out: TensorDictBase) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Step 5: the per-sample objective ``[n]`` (maximised), the mask of samples it moves and the advantage
+        network's regression ``[n]`` (None without one)."""
+        raise NotImplementedError
+
+    def _transport(self, old, new) -> Tensor:
+        """``C(old(.|s), new(.|s))`` per state ``[n]`` in float64 (exact, or an upper bound)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------------
+    # shared machinery
+
+    @property
+    def epsilon(self) -> float:
+        """The trust-region radius; an assignment is checked (positive, finite)."""
+        return self._solver.epsilon
+
+    @epsilon.setter
+    def epsilon(self, value: float) -> None:
+        self._solver.epsilon = value
+
+    @property
+    def in_keys(self) -> list[NestedKey]:
+        keys = self.tensor_keys
+        nxt = lambda k: ("next", *k) if isinstance(k, tuple) else ("next", k)
+        nets = [self.actor_network, self.critic_network]
+        nets += [self.advantage_network] if self._has_advantage_network else []
+        out = [keys.action, nxt(keys.reward), nxt(keys.done), nxt(keys.terminated)]
+        out += [k for net in nets for k in net.in_keys] + [nxt(k) for k in self.critic_network.in_keys]
+        return list(dict.fromkeys(out))
+
+    @property
+    def out_keys(self) -> list[str]:
+        ent = ["entropy", "loss_entropy"] if self.entropy_coeff is not None else []
+        return ["loss_objective", "loss_critic", *ent, "ot_multiplier", "ot_split", "ot_transport",
+                "ot_active_fraction"]
+
+    def _behaviour_dist(self, td: TensorDictBase):
+        """pi_old from its stored parameters (loc/scale, logits); missing ones are computed by the current
+        actor without gradient and written into ``td``, so that solve_multiplier records pi_old for the epochs."""
+        if not all(td.get(k, None) is not None for k in self._dist_keys):
+            with torch.no_grad(), self._params("actor_network"):
+                sub = td.select(*self.actor_network.in_keys, strict=False)
+                self.actor_network.get_dist(sub)  # writes the distribution parameters into sub
+            td.update(sub.select(*self._dist_keys))
+        return self.actor_network.build_dist_from_params(td.select(*self._dist_keys).detach())
+
+    def _advantage(self, td: TensorDictBase) -> Tensor:
+        adv = td.get(self.tensor_keys.advantage)
+        if adv.numel() != td.numel():
+            raise ValueError(f"advantage must hold one value per sample (shape {tuple(td.shape)} or [..., 1]), "
+                             f"got {tuple(adv.shape)}")
+        return adv.reshape(td.shape)
+
+    # ---------------------------------------------------------------------------------------------
+    # step 4: solve for lam* once per collected batch
+
+    def solve_multiplier(self, tensordict: TensorDictBase) -> DualSolution:
+        """Solve the dual (eq. 12) exactly for a collected batch and write the solution into it.
+
+        Runs the value estimator first if the advantage is missing (writing the advantage and value target).
+        Writes, expanded over the batch, ``ot_multiplier`` (lam*), ``ot_split`` (t*), ``ot_transport`` and the
+        setting's own entries, plus pi_old's distribution parameters if absent. This is the one method that writes
+        into its input. Returns the :class:`~torchrl_ot.functional.DualSolution` (computed in float64).
+        """
+        keys = self.tensor_keys
+        self._check_entries(tensordict, self.in_keys)
+        if tensordict.get(keys.advantage, None) is None:
+            self._estimate_advantage(tensordict)
+        self._check_entries(tensordict, [keys.advantage])
+        if tensordict.numel() == 0:
+            raise ValueError("solve_multiplier got an empty batch")
+        self._behaviour_dist(tensordict)  # records pi_old's parameters in the batch if absent
+        batch, flat = tensordict.shape, tensordict.reshape(-1)
+        adv = self._advantage(flat).double()
+        with torch.no_grad():
+            sol, written, transport = self._candidates(flat, self._behaviour_dist(flat), adv)
+        write_solution(tensordict, keys, sol, batch, transport=transport, dtype=flat.get(keys.advantage).dtype)
+        for key, value in written.items():
+            tensordict.set(key, value.reshape(*batch, *value.shape[1:]))
+        return sol
+
+    def _solve_candidates(self, cand_adv: Tensor, cost: Tensor) -> DualSolution:
+        """The exact dual over ``[n, K]`` candidates with uniform weights, by the loss's :class:`DualSolver`."""
+        keys = self._solver.tensor_keys
+        return self._solver.solve(TensorDict({keys.advantage: cand_adv, keys.cost: cost}, batch_size=cost.shape[:1]))
+
+    # ---------------------------------------------------------------------------------------------
+    # what the fitted network moved, and the projection into the radius
+
+    @torch.no_grad()
+    def realised_transport(self, tensordict: TensorDictBase) -> Tensor:
+        """The trust-region constraint of Problem (P) for the CURRENT network: ``(1/B) sum_b C(pi_old(.|s_b),
+        pi_theta(.|s_b))`` over the batch's states, C the OT discrepancy of eq. 1 under ``cost``.
+
+        ``ot_transport`` is the transport of the exact update (eq. 9-10), which the network is fitted to; this is
+        what the fitted network actually moved, so ``realised_transport(batch) <= epsilon`` is the check that an
+        update stayed inside its trust region. Call it after the optimisation epochs on the batch that
+        :meth:`solve_multiplier` recorded pi_old in. Exact for a categorical policy, an upper bound for a Gaussian
+        one (a value <= epsilon then still proves the update inside). Returns a float64 scalar.
+        """
+        if not all(tensordict.get(k, None) is not None for k in self._dist_keys):
+            raise ValueError(f"realised_transport needs pi_old's parameters {self._dist_keys} in the batch: call "
+                             "solve_multiplier on it before the update")
+        flat = tensordict.reshape(-1)
+        old = self.actor_network.build_dist_from_params(flat.select(*self._dist_keys))
+        return self._transport(old, self._current_dist(flat)).mean()
+
+    @torch.no_grad()
+    def project_into_trust_region(self, tensordict: TensorDictBase, theta_old: Tensor, *,
+                                  backtrack_coeff: float = 0.8, max_backtracks: int = 10) -> TensorDictBase:
+        """Make the fitted update satisfy Problem (P)'s constraint on the batch: after the epochs, keep the
+        largest step ``theta_old + backtrack_coeff**i (theta - theta_old)``, ``i = 0..max_backtracks``, whose
+        :meth:`realised_transport` is at most ``epsilon``; if none is, restore ``theta_old`` (no update, zero
+        transport). The actor's parameters change in place; the critics are untouched.
+
+        This is how the network update is kept *provably* inside the trust region (exactly for categorical
+        policies; through an upper bound for Gaussian ones): the paper's step 5 fits the network to the exact
+        update by gradient steps, and nothing in that fit bounds what the network moves at the batch's states.
+        Returns ``realised_transport`` (of the kept parameters), ``step_fraction`` (the kept fraction of the step:
+        1, a power of ``backtrack_coeff``, or 0) and ``backtracks``.
+        """
+        if not 0 < backtrack_coeff < 1:
+            raise ValueError(f"backtrack_coeff must lie in (0, 1), got {backtrack_coeff!r}")
+        check_positive_int("max_backtracks", max_backtracks, minimum=0)
+        params = self._actor_params()
+        theta_new = get_flat_params(params)
+        if theta_old.shape != theta_new.shape:
+            raise ValueError(f"theta_old must be the actor's flat parameters ({theta_new.numel()} entries, from "
+                             f"actor_parameters()), got shape {tuple(theta_old.shape)}")
+        for name, theta in (("theta_old", theta_old), ("the actor's parameters", theta_new)):
+            if not bool(torch.isfinite(theta).all()):  # neither end of the step may bring a NaN in
+                raise ValueError(f"{name} contain NaN or inf; refusing to project a NaN update")
+        step = theta_new - theta_old
+        for i in range(max_backtracks + 1):
+            fraction = backtrack_coeff**i
+            if i:
+                set_flat_params(params, theta_old + fraction * step)
+            moved = self.realised_transport(tensordict)
+            if bool(moved <= self.epsilon):
+                break
+        else:
+            set_flat_params(params, theta_old)
+            moved, fraction, i = self.realised_transport(tensordict), 0.0, max_backtracks + 1
+        return TensorDict({"realised_transport": moved, "step_fraction": torch.tensor(float(fraction)),
+                           "backtracks": torch.tensor(i)}, batch_size=[])
+
+    # ---------------------------------------------------------------------------------------------
+    # step 5: the loss
+
+    @dispatch()
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """Losses (``loss_objective``, ``loss_critic``, ``loss_entropy``) and detached diagnostics.
+
+        ``ot_multiplier``, ``ot_split`` and ``ot_transport`` are the batch means of the stored lam*, t* and
+        exact-update transport (compare the latter with epsilon); ``ot_active_fraction`` is the share of samples
+        the objective moves (the setting's docstring says which).
+        """
+        keys = self.tensor_keys
+        td = tensordict
+        needed = [keys.advantage, keys.multiplier, keys.split, keys.transport, *self._needed_keys()]
+        # forward reads pi_old only through what solve_multiplier recorded; a missing piece means solving
+        # here, on a copy: never into the caller's batch.
+        if any(td.get(k, None) is None for k in needed):
+            td = tensordict.clone(False)
+            self.solve_multiplier(td)
+        batch, flat = td.shape, td.reshape(-1)
+        dist = self._current_dist(flat)
+        lam = flat.get(keys.multiplier).detach()
+        adv = self._advantage(flat).detach()
+        critic_out = self._run("critic_network", flat)
+        objective, active, head_loss = self._objective(flat, dist, lam, adv, critic_out)
+        critic = self._critic_loss(critic_out, flat).reshape(flat.shape) + (0 if head_loss is None else head_loss)
+        losses = {"loss_objective": -objective, "loss_critic": self.critic_coeff * critic}
+        out = {}
+        if self.entropy_coeff is not None:
+            try:
+                entropy = dist.entropy()
+            except NotImplementedError:  # e.g. TanhNormal: a one-sample Monte-Carlo estimate, as in TorchRL's A2C
+                entropy = -dist.log_prob(dist.rsample())
+            entropy = entropy.reshape(flat.numel(), -1).sum(-1)  # Normal without Independent: sum the event dims
+            losses["loss_entropy"] = -self.entropy_coeff * entropy
+            out["entropy"] = entropy.detach().mean()
+        for name, loss in losses.items():
+            out[name] = self._reduce_loss(loss.reshape(batch), td)
+        # One check (one sync) per step on the outputs instead of one per input key: every input that
+        # matters reaches a loss, so a NaN input shows up here; only then look for the culprit by name.
+        if not bool(torch.isfinite(torch.cat([out[name].detach().reshape(-1) for name in losses])).all()):
+            self._check_entries(td, [*self.in_keys, keys.value_target, *needed])
+            raise ValueError(f"{type(self).__name__} produced a non-finite loss from finite inputs (overflow?); "
+                             "refusing a NaN update")
+        for name, key in (("multiplier", keys.multiplier), ("split", keys.split), ("transport", keys.transport)):
+            out[f"ot_{name}"] = flat.get(key).detach().float().mean()
+        out["ot_active_fraction"] = active.float().mean()
+        return TensorDict(out, batch_size=[])

@@ -1,0 +1,113 @@
+"""``GaussianOTLoss``: OT-TRPO for a (squashed) Gaussian policy through the hinge on its deterministic action."""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDictBase
+from torch import Tensor
+
+from torchrl_ot.functional import DualSolution, gaussian_transport_bound
+from torchrl_ot.loss.base import OTTrustRegionLoss
+from torchrl_ot.validation import check_bool
+
+__all__ = ["GaussianOTLoss", "GaussianTransportMixin"]
+
+
+def _deterministic(dist) -> Tensor:
+    """The deterministic action m(s) of a distribution (TanhNormal: tanh of the loc; Normal: its mean)."""
+    sample = getattr(dist, "deterministic_sample", None)
+    return dist.mean if sample is None else sample
+
+
+def _mirror(dist, mean: Tensor, action: Tensor) -> Tensor:
+    """``2 m - a``, the mirror image of the action through the deterministic action, clamped to the
+    distribution's action box [low, high] when it has one (TanhNormal)."""
+    image = 2 * mean - action
+    low, high = getattr(dist, "low", None), getattr(dist, "high", None)
+    if low is not None and high is not None:
+        image = torch.maximum(torch.minimum(image, high), low)
+    return image
+
+
+def _gaussian_params(dist) -> tuple[Tensor, Tensor]:
+    """(loc, scale) of the Gaussian under a Normal, Independent(Normal) or TanhNormal distribution."""
+    base = dist
+    for attr in ("root_dist", "base_dist"):
+        while hasattr(base, attr) and not isinstance(base, torch.distributions.Normal):
+            base = getattr(base, attr)
+    if not isinstance(base, torch.distributions.Normal):
+        raise ValueError(f"realised_transport needs a categorical or a (Tanh)Normal policy, got {type(dist).__name__}")
+    return base.loc, base.scale
+
+
+def _lipschitz(dist) -> Tensor:
+    """Per-coordinate Lipschitz constant of the map from the Gaussian to the action: (high - low) / 2 for
+    TorchRL's TanhNormal (tanh, then affine onto [low, high]), 1 for a plain Normal."""
+    low, high = getattr(dist, "low", None), getattr(dist, "high", None)
+    if isinstance(dist, torch.distributions.TransformedDistribution) and low is not None and high is not None:
+        return ((high - low) / 2).to(dist.loc.dtype)
+    return torch.ones(())
+
+
+class GaussianTransportMixin:
+    """What a Gaussian policy moved at a state: the synchronous-coupling upper bound
+    (:func:`~torchrl_ot.functional.gaussian_transport_bound`), so a value <= epsilon proves the update inside."""
+
+    def _transport(self, old, new) -> Tensor:
+        (loc0, scale0), (loc1, scale1) = (_gaussian_params(d) for d in (old, new))
+        return gaussian_transport_bound(loc0.double(), scale0.double(), loc1.double(), scale1.double(),
+                                        self.cost, _lipschitz(new).double())
+
+
+class GaussianOTLoss(GaussianTransportMixin, OTTrustRegionLoss, policy="gaussian", options={"mirror": False}):
+    """OT-TRPO for a Gaussian or TanhNormal policy: Section 5, step 4 case 2 and step 5 case 3 (its Gaussian
+    special case), with GAE advantages and a continuous ``cost``.
+
+    Per sample two candidates: the taken action ``a_b`` (advantage ``A_b``, cost ``c(m_old(s_b), a_b)``) and the
+    behaviour's deterministic action ``m_old(s_b)`` (advantage 0, cost 0): a hinge dual. The loss is
+    ``-(1/B) sum_b max(A_b - lam* c(m_theta(s_b), a_b), 0)`` with ``m_theta`` the current policy's deterministic
+    action. When lam* = 0 (the trust region does not bind) this has no gradient: choose ``epsilon`` below the
+    mean transport to positive-advantage actions. ``ot_active_fraction`` is the share of samples with
+    ``A_b - lam* c(m_theta, a_b) > 0``, the ones with a gradient.
+
+    Args:
+        mirror: (not in the paper) adds a third candidate, the mirror image ``2 m_old(s_b) - a_b`` (clamped to the
+            action box) with the first-order advantage ``-A_b`` (for A locally linear in the action around the
+            mean), so that negative-advantage samples push the mean away as positive ones pull it; the loss
+            becomes ``max(A_b - lam* c(m_theta, a_b), 0, -A_b - lam* c(m_theta, 2 m_old - a_b))``.
+        The other arguments are :class:`~torchrl_ot.OTTrustRegionLoss`'s.
+    """
+
+    def __init__(self, actor_network, critic_network, *, cost, epsilon: float, mirror: bool = False,
+                 **kwargs) -> None:
+        check_bool("mirror", mirror)
+        if kwargs.get("advantage_network") is not None:
+            raise ValueError("policy='gaussian' takes no advantage_network (its candidates' advantages are the "
+                             "batch's own: A_b and 0)")
+        super().__init__(actor_network, critic_network, cost=cost, epsilon=epsilon, **kwargs)
+        self.mirror = mirror
+
+    def _needed_keys(self) -> list:
+        return [self.tensor_keys.candidates] if self.mirror else []
+
+    def _candidates(self, flat: TensorDictBase, old, adv: Tensor) -> tuple[DualSolution, dict, None]:
+        # Candidates [a_b, m_old(s_b)]: advantages [A_b, 0], costs [c(m_old, a_b), 0].
+        action, written = flat.get(self.tensor_keys.action), {}
+        zero = torch.zeros_like(adv)
+        mean = _deterministic(old)
+        cand_adv = torch.stack([adv, zero], -1)
+        cost = torch.stack([self.cost(mean, action).double(), zero], -1)
+        if self.mirror:  # a third: the mirror image of a_b through m_old, advantage -A_b
+            image = _mirror(old, mean, action)
+            cand_adv = torch.cat([cand_adv, -adv[:, None]], -1)
+            cost = torch.cat([cost, self.cost(mean, image).double()[:, None]], -1)
+            written[self.tensor_keys.candidates] = image
+        return self._solve_candidates(cand_adv, cost), written, None
+
+    def _objective(self, flat: TensorDictBase, dist, lam: Tensor, adv: Tensor, critic_out) -> tuple:
+        # The hinge of step 5 case 3: max(A_b - lam* c(m_theta(s_b), a_b), 0).
+        mean = _deterministic(dist)
+        term = adv - lam * self.cost(mean, flat.get(self.tensor_keys.action))
+        if self.mirror:  # ... and the mirrored candidate: max(., -A_b - lam* c(m_theta, image_b))
+            term = torch.maximum(term, -adv - lam * self.cost(mean, flat.get(self.tensor_keys.candidates)))
+        return term.clamp_min(0), term > 0, None
