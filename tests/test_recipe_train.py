@@ -264,35 +264,6 @@ def test_categorical_advantage_head_in_critic_equals_separate(tmp_path):
     assert proc.returncode != 0 and "advantage_head" in proc.stderr and "separate" in proc.stderr
 
 
-def test_value_and_advantage_is_the_two_mlps_batched():
-    import torch
-
-    sys.path.insert(0, str(ROOT / "recipes"))
-    from train import ValueAndAdvantage, mlp
-
-    torch.manual_seed(0)
-    value, advantage = mlp(5, 1, [16, 8], 1.0), mlp(5, 3, [16, 8], 1.0)
-    for layer in (m for net in (value, advantage) for m in net.modules() if isinstance(m, torch.nn.Linear)):
-        torch.nn.init.normal_(layer.bias)  # nonzero biases: the batched module must add them per network
-    grouped = ValueAndAdvantage(value, advantage)
-    assert len(list(grouped.parameters())) == 6  # against 12 for the two MLPs
-    for shape in ([7, 5], [2, 7, 5], [5]):
-        obs = torch.randn(shape)
-        v, a = grouped(obs)
-        torch.testing.assert_close(v, value(obs), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(a, advantage(obs), rtol=1e-5, atol=1e-6)
-    # Gradients reach each network's own slice, and never the value's padding.
-    v, a = grouped(torch.randn(4, 5))
-    (v.sum() + a.sum()).backward()
-    assert not grouped.weights[2].grad[0, :, 1:].any() and grouped.weights[2].grad[1].abs().sum() > 0
-    with pytest.raises(ValueError, match="same input and hidden sizes"):
-        ValueAndAdvantage(mlp(5, 1, [16, 8], 1.0), mlp(5, 3, [16, 16], 1.0))
-    relu = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8),
-                               torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    with pytest.raises(ValueError, match="Tanh activations only"):
-        ValueAndAdvantage(mlp(5, 1, [16, 8], 1.0), relu)
-
-
 if __name__ == "__main__" and "--record" in sys.argv:
     import tempfile
 

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from torchrl_ot._actor_critic import ActorCriticKeys, ActorCriticLoss, get_flat_params, set_flat_params
 from torchrl_ot.costs import TransportCost
+from torchrl_ot.dual import DualSolver
 from torchrl_ot.functional import DualSolution
 from torchrl_ot.keys import OTKeys, write_solution
 from torchrl_ot.validation import check_choice, check_epsilon, check_positive_int
@@ -189,8 +190,6 @@ class OTTrustRegionLoss(ActorCriticLoss, metaclass=_SettingFactory):
 
     def _make_solver(self, epsilon: float):
         """The TensorDict module that solves step 4 exactly (it holds ``epsilon``)."""
-        from torchrl_ot.dual import DualSolver
-
         return DualSolver(epsilon=epsilon)
 
     def _needed_keys(self) -> list[NestedKey]:

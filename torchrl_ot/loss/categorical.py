@@ -63,7 +63,7 @@ class CategoricalOTLoss(OTTrustRegionLoss, policy="categorical", options={"advan
         if advantage_network is None and not head_in_critic:
             raise ValueError("policy='categorical' needs advantage_network (it is the advantage head A(s, .) of "
                              "Section 5, step 5 case 2; or a critic_network that also writes 'action_advantage')")
-        self._split_init = split
+        self._split_init = split  # read by _make_solver, which the base's __init__ calls
         super().__init__(actor_network, critic_network, cost=cost, epsilon=epsilon,
                          advantage_network=advantage_network, **kwargs)
         self._head_name = "critic_network" if head_in_critic else "advantage_network"

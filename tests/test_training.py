@@ -1,0 +1,148 @@
+"""torchrl_ot.training on its own: the batched critic, and the per-algorithm objects' hooks on one
+collected batch (the recipe runs them end to end: tests/test_recipe_train.py)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from torchrl.collectors import Collector
+from torchrl.objectives import A2CLoss, ClipPPOLoss
+
+from torchrl_ot import DiscreteMetricCost, OTTrustRegionLoss, TRPOLoss
+from torchrl_ot.training import (
+    A2C,
+    PPO,
+    TRPO,
+    OTTrustRegion,
+    ValueAndAdvantage,
+    algorithm_class,
+    check_config,
+    make_algorithm,
+    make_env,
+    make_networks,
+    mlp,
+    resolve_policy,
+)
+
+CONF = Path(__file__).resolve().parents[1] / "recipes" / "conf" / "train"
+
+
+def _cfg(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose("config", overrides=["num_envs=2", *overrides])
+
+
+def _built(*overrides):
+    """The recipe's algorithm for ``overrides`` and one collected batch of 64 frames with its advantages."""
+    cfg = _cfg(*overrides)
+    torch.manual_seed(0)
+    probe = make_env(cfg.env.name, 0, None, cfg, num_envs=1)
+    discrete = probe.action_spec_unbatched.domain == "discrete"
+    policy = resolve_policy(cfg, discrete)
+    actor, critic, head = make_networks(probe, cfg, policy)
+    probe.close()
+    algorithm = make_algorithm(cfg, policy, discrete, actor, critic, head)
+    collector = Collector(make_env(cfg.env.name, 0, None, cfg, num_envs=2), actor, frames_per_batch=64,
+                          total_frames=64, auto_register_policy_transforms=False)
+    batch = next(iter(collector))
+    collector.shutdown()
+    with torch.no_grad():
+        algorithm.loss_module.value_estimator(batch)
+    return algorithm, batch
+
+
+def _actor_vector(algorithm):
+    return torch.cat([p.detach().flatten() for p in algorithm.loss_module.actor_network.parameters()])
+
+
+@pytest.mark.parametrize(("algo", "cls", "loss_cls"), [("ot_trpo", OTTrustRegion, OTTrustRegionLoss),
+                                                       ("wpo", OTTrustRegion, OTTrustRegionLoss),
+                                                       ("ppo", PPO, ClipPPOLoss), ("a2c", A2C, A2CLoss),
+                                                       ("trpo", TRPO, TRPOLoss)])
+def test_make_algorithm_builds_each_algorithms_own_loss(algo, cls, loss_cls):
+    algorithm, _ = _built("env=CartPole-v1", f"algo={algo}")
+    assert type(algorithm) is cls and isinstance(algorithm.loss_module, loss_cls)
+    summary = algorithm.summary()
+    if cls is OTTrustRegion:
+        assert isinstance(algorithm.cost, DiscreteMetricCost)  # cost=auto on discrete actions
+        assert summary["cost_fn"] == repr(algorithm.cost) and summary["epsilon"] == algorithm.cfg.algo.epsilon
+        assert summary["cost"] is None  # the config group's name is Hydra's, outside a run unknown
+    else:
+        assert algorithm.cost is None and summary == {"cost": None, "cost_fn": None, "epsilon": None}
+
+
+def test_unknown_algo_and_bad_config_are_refused_before_building():
+    with pytest.raises(ValueError, match="unknown algo.name='sac'.*ot_trpo"):
+        algorithm_class("sac")
+    with pytest.raises(ValueError, match="algo.epsilon must be positive"):
+        check_config(_cfg("algo.epsilon=0"))
+    with pytest.raises(ValueError, match="frames_per_batch=100 must be divisible by num_minibatches=32"):
+        check_config(_cfg("frames_per_batch=100"))
+    check_config(_cfg("algo=a2c", "frames_per_batch=100"))  # A2C's one minibatch divides any batch
+
+
+def test_ot_hooks_solve_once_before_and_measure_the_move_after():
+    algorithm, batch = _built("env=CartPole-v1", "algo=ot_trpo")
+    row = {"frames": 64}
+    algorithm.before_epochs(batch, row)
+    adv = batch["advantage"]
+    assert adv.mean().item() == pytest.approx(0, abs=1e-5) and adv.std().item() == pytest.approx(1, rel=1e-4)
+    assert row["multiplier"] >= 0 and row["epsilon"] == algorithm.cfg.algo.epsilon
+    assert 0 < row["transport_over_epsilon"] <= 1 + 1e-6  # mass splitting: the exact update moves <= epsilon
+    assert algorithm.progress(row) == {"lam": f"{row['multiplier']:.3g}"}
+    # No minibatch step in between: the actor did not move, so neither the projection.
+    before = _actor_vector(algorithm)
+    algorithm.after_epochs(batch, row)
+    assert row["realised_transport_over_epsilon"] == pytest.approx(0, abs=1e-6) and row["step_fraction"] == 1
+    torch.testing.assert_close(_actor_vector(algorithm), before)
+
+
+def test_ot_scale_schedule_sets_the_next_std_and_epsilon_with_its_square():
+    algorithm, batch = _built("env=Pendulum-v1", "algo=ot_trpo", "total_frames=1000", "algo.init_scale=1.0",
+                              "algo.final_scale=0.2", "algo.epsilon=0.3")
+    row = {"frames": 500}
+    algorithm.before_epochs(batch, row)
+    assert row["scale"] == pytest.approx(1.0) and algorithm.loss_module.epsilon == pytest.approx(0.3)
+    algorithm.after_epochs(batch, row)  # halfway: the std for the next batch is 1 - 0.8 / 2
+    assert algorithm.log_scale.exp().detach() == pytest.approx(torch.full_like(algorithm.log_scale, 0.6))
+    algorithm.before_epochs(batch, {"frames": 564})
+    assert algorithm.loss_module.epsilon == pytest.approx(0.3 * 0.6**2, rel=1e-5)
+
+
+def test_trpo_steps_the_actor_before_the_epochs_which_then_train_the_critic_only():
+    algorithm, batch = _built("env=CartPole-v1", "algo=trpo")
+    before = _actor_vector(algorithm)
+    row = {"frames": 64}
+    algorithm.before_epochs(batch, row)
+    assert row["kl"] <= algorithm.cfg.algo.max_kl + 1e-6 and row["step_accepted"] in (0.0, 1.0)
+    assert (not torch.equal(_actor_vector(algorithm), before)) == bool(row["step_accepted"])
+    out = algorithm.loss_module(batch.reshape(-1))
+    assert algorithm.minibatch_loss(out) == out["loss_critic"]
+    ppo, _ = _built("env=CartPole-v1", "algo=ppo")
+    out = ppo.loss_module(batch.reshape(-1))
+    assert ppo.minibatch_loss(out) == sum(v for k, v in out.items() if k.startswith("loss_"))
+
+
+def test_value_and_advantage_is_the_two_mlps_batched():
+    torch.manual_seed(0)
+    value, advantage = mlp(5, 1, [16, 8], 1.0), mlp(5, 3, [16, 8], 1.0)
+    for layer in (m for net in (value, advantage) for m in net.modules() if isinstance(m, torch.nn.Linear)):
+        torch.nn.init.normal_(layer.bias)  # nonzero biases: the batched module must add them per network
+    grouped = ValueAndAdvantage(value, advantage)
+    assert len(list(grouped.parameters())) == 6  # against 12 for the two MLPs
+    for shape in ([7, 5], [2, 7, 5], [5]):
+        obs = torch.randn(shape)
+        v, a = grouped(obs)
+        torch.testing.assert_close(v, value(obs), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, advantage(obs), rtol=1e-5, atol=1e-6)
+    # Gradients reach each network's own slice, and never the value's padding.
+    v, a = grouped(torch.randn(4, 5))
+    (v.sum() + a.sum()).backward()
+    assert not grouped.weights[2].grad[0, :, 1:].any() and grouped.weights[2].grad[1].abs().sum() > 0
+    with pytest.raises(ValueError, match="same input and hidden sizes"):
+        ValueAndAdvantage(mlp(5, 1, [16, 8], 1.0), mlp(5, 3, [16, 16], 1.0))
+    relu = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8),
+                               torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    with pytest.raises(ValueError, match="Tanh activations only"):
+        ValueAndAdvantage(mlp(5, 1, [16, 8], 1.0), relu)

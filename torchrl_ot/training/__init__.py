@@ -1,0 +1,80 @@
+"""The building blocks of the deep training recipe (``recipes/train.py``), importable on their own.
+
+Not imported by ``torchrl_ot`` itself (it brings Hydra's config types, gymnasium's vector envs and
+matplotlib); import it explicitly::
+
+    from torchrl_ot.training import make_algorithm, make_env, make_networks, resolve_policy
+
+- ``env``: gymnasium vector envs as TorchRL envs, the observation statistics, the deterministic
+  evaluation;
+- ``networks``: tanh MLPs, the actor, the critic and the advantage head, the policy setting;
+- ``algorithms``: one :class:`Algorithm` per ``algo``, its loss and what it does before and after
+  the minibatch epochs (:func:`make_algorithm`);
+- ``config``: the config checks;
+- ``checkpoint``: RNG states, atomic checkpoints, CSV logs cut back on resume;
+- ``summary``: the logger, ``summary.json`` and ``curve.png``.
+
+Every builder takes the recipe's Hydra config (``recipes/conf/train``) as ``cfg``.
+"""
+
+from torchrl_ot.training.algorithms import (
+    A2C,
+    ALGORITHMS,
+    PPO,
+    TRPO,
+    UNUSED_AFTER_ADVANTAGES,
+    Algorithm,
+    OTTrustRegion,
+    algorithm_class,
+    make_algorithm,
+    make_loss,
+    minibatches,
+    normalize_advantage,
+)
+from torchrl_ot.training.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    truncate_csv_logs,
+)
+from torchrl_ot.training.config import check_config, epochs_and_minibatches
+from torchrl_ot.training.env import EVAL_SEED_OFFSET, check_env_name, evaluate, make_env, new_obs_stats
+from torchrl_ot.training.networks import ObsActionMLP, ValueAndAdvantage, make_networks, mlp, resolve_policy
+from torchrl_ot.training.summary import PHASES, make_logger, make_summary, plot_curve
+
+__all__ = [
+    "A2C",
+    "ALGORITHMS",
+    "EVAL_SEED_OFFSET",
+    "PHASES",
+    "PPO",
+    "TRPO",
+    "UNUSED_AFTER_ADVANTAGES",
+    "Algorithm",
+    "OTTrustRegion",
+    "ObsActionMLP",
+    "ValueAndAdvantage",
+    "algorithm_class",
+    "check_config",
+    "check_env_name",
+    "epochs_and_minibatches",
+    "evaluate",
+    "load_checkpoint",
+    "make_algorithm",
+    "make_env",
+    "make_logger",
+    "make_loss",
+    "make_networks",
+    "make_summary",
+    "minibatches",
+    "mlp",
+    "new_obs_stats",
+    "normalize_advantage",
+    "plot_curve",
+    "resolve_policy",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "truncate_csv_logs",
+]

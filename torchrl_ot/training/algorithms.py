@@ -1,0 +1,261 @@
+"""What each algorithm does with a collected batch, around the minibatch epochs they all share.
+
+Every update of ``recipes/train.py`` is the same loop: advantages, :meth:`Algorithm.before_epochs`,
+``num_epochs`` x ``num_minibatches`` Adam steps on :meth:`Algorithm.minibatch_loss`, then
+:meth:`Algorithm.after_epochs`. An :class:`Algorithm` owns its loss (with the value estimator) and
+fills those hooks; the base class fills them with nothing, which is PPO and A2C:
+
+- ``ot_trpo``, ``wpo``: before, normalise the advantages, set epsilon for the scheduled std and solve
+  lambda* (eq. 12) once; after, project the actor into the trust region (or measure its transport)
+  and set the std for the next batch.
+- ``trpo``: before, normalise the advantages and take the actor's natural-gradient step; the
+  minibatches then train the critic only.
+- ``ppo``, ``a2c``: nothing around the epochs (ClipPPOLoss normalises per minibatch).
+
+Build one with :func:`make_algorithm`; :func:`make_loss` is its loss alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModule
+from torchrl.data import ReplayBuffer, TensorStorage
+from torchrl.data.replay_buffers.samplers import SamplerWithoutReplacement
+from torchrl.modules import ProbabilisticActor, ValueOperator
+from torchrl.objectives import A2CLoss, ClipPPOLoss, LossModule
+from torchrl.objectives.utils import ValueEstimators
+
+from torchrl_ot import DiscreteMetricCost, EuclideanCost, OTTrustRegionLoss, TransportCost, TRPOLoss
+
+# Batch entries that no loss reads once the advantages are computed (left out of the minibatches).
+UNUSED_AFTER_ADVANTAGES = ("next", "collector", "done", "terminated", "truncated", "episode_reward", "step_count")
+
+
+def minibatches(batch: TensorDictBase, size: int) -> ReplayBuffer:
+    """The batch as minibatches of ``size`` frames: successive ``sample()`` calls walk through one random
+    permutation of it (an epoch), then the next. Without the entries no loss reads any more
+    (``UNUSED_AFTER_ADVANTAGES``), which spares every minibatch their indexing."""
+    return ReplayBuffer(storage=TensorStorage(batch.reshape(-1).exclude(*UNUSED_AFTER_ADVANTAGES)),
+                        sampler=SamplerWithoutReplacement(), batch_size=size)
+
+
+def normalize_advantage(batch: TensorDictBase) -> None:
+    """Standardise the batch's ``"advantage"`` in place, over the whole batch (before the update)."""
+    adv = batch["advantage"]
+    batch["advantage"] = (adv - adv.mean()) / adv.std().clamp_min(1e-8)
+
+
+class Algorithm:
+    """A loss trained by the shared minibatch epochs, and what the algorithm does before and after them.
+
+    Subclasses build their loss in :meth:`make_loss` and override the hooks they need; the hooks add
+    their diagnostics to ``row``, the update's record (logged, checkpointed, summarised), which holds
+    ``"frames"`` (the frames collected so far) when they are called.
+
+    Args:
+        cfg: the recipe's config (``algo``, ``env.gamma``, ``estimator``, ``cost``, ...).
+        policy: the policy setting, as :func:`torchrl_ot.training.resolve_policy` gives it.
+        discrete: whether the env's actions are discrete.
+        actor, critic, head: the networks, as :func:`torchrl_ot.training.make_networks` builds them.
+    """
+
+    #: The transport cost of the trust region (None: the algorithm has none).
+    cost: TransportCost | None = None
+
+    def __init__(self, cfg: DictConfig, policy: str, discrete: bool, actor: ProbabilisticActor,
+                 critic: ValueOperator, head: TensorDictModule | None) -> None:
+        self.cfg, self.policy = cfg, policy
+        self.loss_module = self.make_loss(actor, critic, head, discrete)
+        estimator_kwargs = {"gamma": cfg.env.gamma}
+        if cfg.estimator.lmbda is not None:
+            estimator_kwargs["lmbda"] = cfg.estimator.lmbda
+        self.loss_module.make_value_estimator(ValueEstimators[cfg.estimator.value_type], **estimator_kwargs)
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        """Refuse a bad ``cfg.algo`` before anything is built."""
+
+    def make_loss(self, actor: ProbabilisticActor, critic: ValueOperator, head: TensorDictModule | None,
+                  discrete: bool) -> LossModule:
+        """The algorithm's loss on these networks (``__init__`` then adds the value estimator)."""
+        raise NotImplementedError
+
+    def before_epochs(self, batch: TensorDictBase, row: dict[str, float]) -> None:
+        """Once the batch's advantages are computed, before its first minibatch step."""
+
+    def minibatch_loss(self, out: TensorDictBase) -> torch.Tensor:
+        """What a minibatch step minimises, from the loss's output: the sum of its ``loss_*`` terms."""
+        return sum(v for k, v in out.items() if k.startswith("loss_"))
+
+    def after_epochs(self, batch: TensorDictBase, row: dict[str, float]) -> None:
+        """After the batch's last minibatch step, before the next batch is collected."""
+
+    def progress(self, row: dict[str, float]) -> dict[str, str]:
+        """What the progress bar shows of the update besides the returns."""
+        return {}
+
+    def summary(self) -> dict[str, str | float | None]:
+        """The run summary's ``cost`` (the config choice), ``cost_fn`` and ``epsilon``."""
+        return {"cost": None, "cost_fn": None, "epsilon": None}
+
+
+class OTTrustRegion(Algorithm):
+    """OT-TRPO (``algo=ot_trpo``, :class:`torchrl_ot.OTTrustRegionLoss`) and WPO (``algo=wpo``, the same
+    loss without mass splitting): lambda* of the dual (eq. 12) solved once per batch, on the
+    batch-normalised advantages, then the epochs on that fixed lambda*; after them the actor is
+    projected into the trust region (``algo.enforce_radius``) or its realised transport measured.
+
+    The paper's Gaussian case has a FIXED std (step 4 case 2): the hinge objective trains only the
+    mean. ``algo.final_scale`` optionally anneals that std linearly in frames (set, never learned),
+    and epsilon with its square: the radius stays the same multiple of the noise's own transport.
+    """
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        if not (cfg.algo.epsilon > 0 and math.isfinite(cfg.algo.epsilon)):
+            raise ValueError(f"algo.epsilon must be positive and finite, got {cfg.algo.epsilon}")
+        if cfg.algo.advantage_head not in ("in_critic", "separate"):
+            raise ValueError(f"algo.advantage_head must be 'in_critic' or 'separate', got {cfg.algo.advantage_head!r}")
+
+    def __init__(self, cfg: DictConfig, policy: str, discrete: bool, actor: ProbabilisticActor,
+                 critic: ValueOperator, head: TensorDictModule | None) -> None:
+        super().__init__(cfg, policy, discrete, actor, critic, head)
+        self.theta_old: torch.Tensor | None = None
+        self.log_scale = None
+        if policy == "gaussian" and cfg.algo.final_scale is not None:
+            self.log_scale = next(p for n, p in actor.named_parameters() if n.endswith("state_independent_scale"))
+
+    def make_loss(self, actor: ProbabilisticActor, critic: ValueOperator, head: TensorDictModule | None,
+                  discrete: bool) -> LossModule:
+        algo = self.cfg.algo
+        if self.cfg.cost.get("_target_") is None:  # cost=auto
+            self.cost = DiscreteMetricCost() if discrete else EuclideanCost(p=2)
+        else:
+            self.cost = instantiate(self.cfg.cost)
+        return OTTrustRegionLoss(
+            actor, critic, cost=self.cost, epsilon=algo.epsilon, policy=self.policy, advantage_network=head,
+            num_candidates=algo.num_candidates, split=algo.name == "ot_trpo",
+            mirror=algo.mirror,  # the loss refuses it for a non-Gaussian policy, naming both
+            entropy_coeff=algo.entropy_coeff or None,
+            critic_coeff=algo.critic_coeff, loss_critic_type=algo.loss_critic_type)
+
+    def scheduled_scale(self, frames_done: int) -> float:
+        """The Gaussian's std after ``frames_done`` frames (``algo.final_scale`` set)."""
+        frac = min(frames_done / self.cfg.total_frames, 1.0)
+        return self.cfg.algo.init_scale + frac * (self.cfg.algo.final_scale - self.cfg.algo.init_scale)
+
+    def before_epochs(self, batch: TensorDictBase, row: dict[str, float]) -> None:
+        loss, algo = self.loss_module, self.cfg.algo
+        if algo.normalize_advantage:
+            normalize_advantage(batch)
+        if self.log_scale is not None:  # epsilon for the scale that collected this batch
+            behaviour_scale = self.log_scale.detach().exp().mean().item()
+            loss.epsilon = algo.epsilon * (behaviour_scale / algo.init_scale) ** 2
+            row["scale"] = behaviour_scale
+        sol = loss.solve_multiplier(batch)
+        # The update's own transport (WPO's no-split plan can exceed epsilon; OT-TRPO's cannot).
+        row.update(multiplier=sol.multiplier.item(), epsilon=loss.epsilon,
+                   transport_over_epsilon=batch["ot_transport"].double().mean().item() / loss.epsilon)
+        if algo.enforce_radius:
+            self.theta_old = loss.actor_parameters()
+
+    def after_epochs(self, batch: TensorDictBase, row: dict[str, float]) -> None:
+        # What the fitted network moved (exact, or a bound), against the radius.
+        loss = self.loss_module
+        if self.cfg.algo.enforce_radius:  # backtrack the actor's step until it is inside (or undo it)
+            proj = loss.project_into_trust_region(batch, self.theta_old)
+            moved = proj["realised_transport"]
+            row["step_fraction"] = proj["step_fraction"].item()
+        else:
+            moved = loss.realised_transport(batch)
+        row["realised_transport_over_epsilon"] = moved.item() / loss.epsilon
+        if self.log_scale is not None:  # the next batch is collected with the scheduled scale
+            with torch.no_grad():
+                self.log_scale.fill_(math.log(self.scheduled_scale(row["frames"])))
+
+    def progress(self, row: dict[str, float]) -> dict[str, str]:
+        return {"lam": f"{row['multiplier']:.3g}"}
+
+    def summary(self) -> dict[str, str | float | None]:
+        # The cost's config group is Hydra's choice, not part of cfg (None outside a Hydra run).
+        choice = HydraConfig.get().runtime.choices.get("cost") if HydraConfig.initialized() else None
+        return {"cost": choice, "cost_fn": repr(self.cost), "epsilon": float(self.cfg.algo.epsilon)}
+
+
+class PPO(Algorithm):
+    """TorchRL's ``ClipPPOLoss`` (``algo=ppo``), which normalises the advantages per minibatch itself."""
+
+    def make_loss(self, actor: ProbabilisticActor, critic: ValueOperator, head: TensorDictModule | None,
+                  discrete: bool) -> LossModule:
+        algo = self.cfg.algo
+        return ClipPPOLoss(actor, critic, clip_epsilon=algo.clip_epsilon, entropy_bonus=bool(algo.entropy_coeff),
+                           entropy_coeff=algo.entropy_coeff, critic_coeff=algo.critic_coeff,
+                           loss_critic_type=algo.loss_critic_type, normalize_advantage=algo.normalize_advantage)
+
+
+class A2C(Algorithm):
+    """TorchRL's ``A2CLoss`` (``algo=a2c``); its config fixes one epoch of one minibatch, the whole batch."""
+
+    def make_loss(self, actor: ProbabilisticActor, critic: ValueOperator, head: TensorDictModule | None,
+                  discrete: bool) -> LossModule:
+        algo = self.cfg.algo
+        return A2CLoss(actor, critic, entropy_bonus=bool(algo.entropy_coeff), entropy_coeff=algo.entropy_coeff,
+                       critic_coeff=algo.critic_coeff, loss_critic_type=algo.loss_critic_type)
+
+
+class TRPO(Algorithm):
+    """KL-constrained TRPO (``algo=trpo``, :class:`torchrl_ot.TRPOLoss`): one natural-gradient step of the
+    actor (conjugate gradient, line search) on the whole batch before the epochs, which then train
+    the critic only."""
+
+    def make_loss(self, actor: ProbabilisticActor, critic: ValueOperator, head: TensorDictModule | None,
+                  discrete: bool) -> LossModule:
+        algo = self.cfg.algo
+        return TRPOLoss(actor, critic, max_kl=algo.max_kl, cg_iters=algo.cg_iters, cg_damping=algo.cg_damping,
+                        backtrack_iters=algo.backtrack_iters, backtrack_coeff=algo.backtrack_coeff,
+                        entropy_coeff=algo.entropy_coeff or None, critic_coeff=algo.critic_coeff,
+                        loss_critic_type=algo.loss_critic_type)
+
+    def before_epochs(self, batch: TensorDictBase, row: dict[str, float]) -> None:
+        if self.cfg.algo.normalize_advantage:
+            normalize_advantage(batch)
+        info = self.loss_module.actor_step(batch)
+        row.update(kl=float(info["kl"]), step_accepted=float(info["step_accepted"]))
+
+    def minibatch_loss(self, out: TensorDictBase) -> torch.Tensor:
+        # The actor moved in before_epochs: its objective would move it again.
+        return sum(v for k, v in out.items() if k.startswith("loss_") and k != "loss_objective")
+
+
+ALGORITHMS: dict[str, type[Algorithm]] = {"ot_trpo": OTTrustRegion, "wpo": OTTrustRegion, "ppo": PPO, "a2c": A2C,
+                                          "trpo": TRPO}
+
+
+def algorithm_class(name: str) -> type[Algorithm]:
+    """The :class:`Algorithm` for ``algo.name``.
+
+    >>> algorithm_class("wpo").__name__
+    'OTTrustRegion'
+    """
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algo.name={name!r} (one of {sorted(ALGORITHMS)})")
+    return ALGORITHMS[name]
+
+
+def make_algorithm(cfg: DictConfig, policy: str, discrete: bool, actor: ProbabilisticActor, critic: ValueOperator,
+                   head: TensorDictModule | None) -> Algorithm:
+    """The :class:`Algorithm` for ``cfg.algo.name``, its loss built on these networks."""
+    return algorithm_class(cfg.algo.name)(cfg, policy, discrete, actor, critic, head)
+
+
+def make_loss(cfg: DictConfig, policy: str, discrete: bool, actor: ProbabilisticActor, critic: ValueOperator,
+              head: TensorDictModule | None) -> LossModule:
+    """The loss for ``cfg.algo.name`` (OTTrustRegionLoss for ot_trpo and wpo, TorchRL's ClipPPOLoss and
+    A2CLoss, TRPOLoss) with its value estimator: :func:`make_algorithm`'s, without the hooks."""
+    return make_algorithm(cfg, policy, discrete, actor, critic, head).loss_module

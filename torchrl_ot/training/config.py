@@ -1,0 +1,31 @@
+"""The training recipe's config checks (``recipes/conf/train``), run before anything is built."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from torchrl_ot.training.algorithms import algorithm_class
+from torchrl_ot.training.env import check_env_name
+
+POSITIVE_INTS = ("total_frames", "frames_per_batch", "num_envs", "num_epochs", "num_minibatches", "eval_every",
+                 "eval_episodes", "checkpoint_every", "num_collectors", "num_threads")
+
+
+def epochs_and_minibatches(cfg: DictConfig) -> tuple[int, int]:
+    """``(num_epochs, num_minibatches)`` per batch: the run's, unless the algo config fixes them
+    (A2C is one gradient step on the whole batch: 1 and 1)."""
+    return cfg.algo.get("num_epochs") or cfg.num_epochs, cfg.algo.get("num_minibatches") or cfg.num_minibatches
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse a bad config with a ``ValueError`` naming the key: the algorithm's own keys, the counts,
+    the batch's divisibility into minibatches and env copies, and the env's name."""
+    algorithm_class(cfg.algo.name).check_config(cfg)
+    for key in POSITIVE_INTS:
+        if not (isinstance(cfg[key], int) and cfg[key] >= 1):
+            raise ValueError(f"{key} must be a positive integer, got {cfg[key]!r}")
+    _, num_minibatches = epochs_and_minibatches(cfg)
+    if cfg.frames_per_batch % num_minibatches or cfg.frames_per_batch % (cfg.num_envs * cfg.num_collectors):
+        raise ValueError(f"frames_per_batch={cfg.frames_per_batch} must be divisible by num_minibatches="
+                         f"{num_minibatches} and by num_envs x num_collectors={cfg.num_envs * cfg.num_collectors}")
+    check_env_name(cfg.env.name)

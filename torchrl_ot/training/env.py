@@ -1,0 +1,132 @@
+"""The environments of a training run: TorchRL envs over gymnasium vector envs, their observation
+statistics, and the deterministic evaluation.
+
+Every env is built fresh from ``(name, seed, statistics)``: nothing else carries over between two
+of them, which is what lets a run resume exactly from a checkpoint (``recipes/train.py``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tensordict import TensorDict
+from tensordict.nn import TensorDictModuleBase
+from torchrl.envs import (
+    ClipTransform,
+    Compose,
+    DoubleToFloat,
+    ExplorationType,
+    GymWrapper,
+    RewardSum,
+    StepCounter,
+    TransformedEnv,
+    VecNormV2,
+    set_exploration_type,
+)
+
+from torchrl_ot.envs import OneHotObservation  # importing torchrl_ot.envs also registers NChain-v0
+from torchrl_ot.tabular import episode_limit
+
+EVAL_SEED_OFFSET = 10_000
+# VecNormV2 calls batched envs "experimental"; with reduce_batch_dims=True it averages over the copies.
+warnings.filterwarnings("ignore", message="Support of VecNormV2 for containers")
+
+
+def check_env_name(name: str) -> None:
+    """Refuse an unknown gymnasium id up front, suggesting close matches.
+
+    >>> check_env_name("CartPol-v1")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown gymnasium environment env.name='CartPol-v1'; did you mean one of ['CartPole-v1', ...
+    """
+    if name not in gym.registry:
+        close = difflib.get_close_matches(name, list(gym.registry), n=5, cutoff=0.6)
+        hint = f"; did you mean one of {close}?" if close else ""
+        raise ValueError(f"unknown gymnasium environment env.name={name!r}{hint} "
+                         "(any id registered with gymnasium works, e.g. env.name=Acrobot-v1)")
+
+
+def make_env(name: str, seed: int, obs_stats: TensorDict | None, cfg: DictConfig, *, num_envs: int,
+             frozen: bool = False) -> TransformedEnv:
+    """``num_envs`` synchronous gymnasium copies as one TorchRL env ``[num_envs]``, float32 observations,
+    running normalisation, episode return/length; seeded (copy i gets ``seed + i``).
+
+    ``obs_stats`` (loc/var/count) is the single store of the normalisation statistics: the VecNormV2
+    transform updates it in place (``shared_data``), so the run loop checkpoints it and the next fresh
+    env continues from it. ``None``: no normalisation. ``frozen``: normalise without updating the
+    statistics (evaluation). ``cfg`` gives ``obs_norm.decay``, ``obs_norm.eps`` and ``obs_norm.clip``.
+    """
+    def make_vec(tabular: bool) -> gym.vector.VectorEnv:
+        return gym.make_vec(name, num_envs=num_envs, vectorization_mode="sync",
+                            wrappers=[OneHotObservation] if tabular else None,
+                            max_episode_steps=episode_limit(name) if tabular else None,
+                            # TorchRL resets finished copies itself; gymnasium's autoreset would hide final states.
+                            vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.DISABLED})
+
+    try:
+        vec = make_vec(tabular=False)
+        if isinstance(vec.single_observation_space, gym.spaces.Discrete):
+            # Tabular envs are seen as one-hot vectors (as the network baselines of the paper's discrete
+            # experiments), with the tabular recipe's time limit (CliffWalking has none).
+            vec.close()
+            vec = make_vec(tabular=True)
+    except (ModuleNotFoundError, gym.error.DependencyNotInstalled) as err:  # e.g. MuJoCo without imageio
+        raise ModuleNotFoundError(f"environment {name!r} needs a missing package: {err}. "
+                                  "MuJoCo envs need `pip install 'gymnasium[mujoco]'`.") from err
+    obs_space, act_space = vec.single_observation_space, vec.single_action_space
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        raise ValueError(f"env.name={name!r}: this recipe needs a flat Box observation space, got {obs_space}")
+    bounded_box = (isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1
+                   and np.isfinite(act_space.low).all() and np.isfinite(act_space.high).all())
+    if not (isinstance(act_space, gym.spaces.Discrete) or bounded_box):  # TanhNormal needs finite bounds
+        raise ValueError(f"env.name={name!r}: this recipe needs Discrete actions or a bounded flat Box, "
+                         f"got {act_space}")
+    base = GymWrapper(vec, categorical_action_encoding=True)
+    transforms = []
+    if base.observation_spec["observation"].dtype == torch.float64:
+        transforms.append(DoubleToFloat(in_keys=["observation"]))
+    if obs_stats is not None:
+        norm = VecNormV2(in_keys=["observation"], decay=cfg.obs_norm.decay, eps=cfg.obs_norm.eps,
+                         shared_data=obs_stats, reduce_batch_dims=True)
+        transforms += [norm.freeze() if frozen else norm,
+                       ClipTransform(in_keys=["observation"], low=-cfg.obs_norm.clip, high=cfg.obs_norm.clip)]
+    transforms += [RewardSum(), StepCounter()]
+    env = TransformedEnv(base, Compose(*transforms))
+    env.set_seed(seed)
+    return env
+
+
+def new_obs_stats(obs_dim: int) -> TensorDict:
+    """Zero statistics in VecNormV2's layout (it bias-corrects the running moments, so zeros are a clean start).
+
+    >>> new_obs_stats(3)["loc", "observation"]
+    tensor([0., 0., 0.])
+    """
+    zeros = torch.zeros(obs_dim)
+    return TensorDict({"loc": {"observation": zeros.clone()}, "var": {"observation": zeros.clone()},
+                       "count": {"observation": torch.zeros((), dtype=torch.int64)}}, batch_size=[])
+
+
+def evaluate(actor: TensorDictModuleBase, cfg: DictConfig, obs_stats: TensorDict | None,
+             horizon: int) -> list[float]:
+    """First-episode returns of ``cfg.eval_episodes`` copies of the env run side by side with the
+    deterministic policy for at most ``horizon`` steps, seeded ``cfg.seed + 10000`` every time
+    (evaluations differ only through the policy), normalised with frozen statistics. The torch RNG is
+    forked, so evaluating never changes what training does."""
+    # Before any training step the statistics are empty (count 0): let the evaluation's own copy warm up.
+    frozen = obs_stats is not None and bool(obs_stats["count", "observation"] > 0)
+    env = make_env(cfg.env.name, cfg.seed + EVAL_SEED_OFFSET, None if obs_stats is None else obs_stats.clone(),
+                   cfg, num_envs=cfg.eval_episodes, frozen=frozen)
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+        rollout = env.rollout(horizon, actor, break_when_any_done=False)  # finished copies are reset
+    env.close()
+    reward = rollout["next", "reward"].squeeze(-1).double()
+    done = rollout["next", "done"].squeeze(-1).long()
+    before_first = (done.cumsum(-1) - done) == 0  # rewards up to and including each copy's first done
+    return (reward * before_first).sum(-1).tolist()
