@@ -101,8 +101,8 @@ def main(cfg: DictConfig) -> dict:
     probe.close()
     algorithm = make_algorithm(cfg, policy, discrete, actor, critic, head)  # ALGO LOGIC
     loss_module = algorithm.loss_module
-    # fused: one kernel over all parameter tensors. The OT head's extra tensors otherwise cost a
-    # per-tensor Python loop on every minibatch step (the profile in docs/results.md, throughput).
+    # fused: one kernel over all parameter tensors, instead of a per-tensor Python loop on every minibatch
+    # step (which the OT head's extra tensors make longer).
     optim = torch.optim.Adam(loss_module.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=cfg.adam_fused)
     obs_stats = new_obs_stats(obs_dim) if cfg.obs_norm.enabled else None
     if obs_stats is not None and cfg.num_collectors > 1:

@@ -47,13 +47,12 @@ class ValueAndAdvantage(nn.Module):
     """The critic V(s) and the categorical head A(s, .) as ONE batched MLP: two tanh MLPs, no shared layers.
 
     Layer i of both networks is a single ``baddbmm`` on their weights stacked ``[2, in, out]``: half
-    the kernels, and half the parameter tensors for gradient clipping and Adam, of two separate MLPs,
-    and on a CPU a minibatch step costs about that (docs/results.md, throughput). The value's last
-    layer is padded with zero columns to the head's width; nothing reads those outputs, so their
-    gradients are zero, Adam leaves them at zero and the function is exactly the two MLPs'. Built
-    from the two ``MLP`` s (same depth and hidden sizes), whose initial weights it takes. A trunk
-    shared by V and A would be cheaper still, but the value regression, with returns in the hundreds
-    on CliffWalking, then swamps the head's and OT-TRPO stops learning there.
+    the kernels, and half the parameter tensors for gradient clipping and Adam, of two separate MLPs
+    (on a CPU, small MLPs cost per kernel, not per flop). The value's last layer is padded with zero
+    columns to the head's width; nothing reads those outputs, so their gradients are zero, Adam leaves
+    them at zero and the function is exactly the two MLPs'. Built from the two ``MLP`` s (same depth and
+    hidden sizes), whose initial weights it takes. No trunk is shared by V and A: the value regression,
+    whose targets can be far larger than the advantages, would then dominate the head's.
 
     >>> value, advantage = ValueAndAdvantage(mlp(4, 1, [8], 1.0), mlp(4, 3, [8], 1.0))(torch.zeros(5, 4))
     >>> value.shape, advantage.shape
