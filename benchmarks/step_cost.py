@@ -33,7 +33,15 @@ from torchrl.collectors import Collector
 from torchrl.data.tensor_specs import Categorical as CategoricalSpec
 from torchrl.data.tensor_specs import OneHot as OneHotSpec
 
-from torchrl_ot.training import make_algorithm, make_env, make_networks, minibatches, new_obs_stats, resolve_policy
+from torchrl_ot.training import (
+    make_algorithm,
+    make_env,
+    make_networks,
+    minibatches,
+    new_obs_stats,
+    record_missing_pandas,
+    resolve_policy,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("sample", "forward", "backward", "clip", "adam")
@@ -98,6 +106,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both algorithms (default env=CartPole-v1)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    record_missing_pandas()  # as the recipe does
     algos = ("ot_trpo", "ppo")
     built = {algo: build(algo, args.overrides) for algo in algos}
     acc = {algo: dict.fromkeys(PARTS, 0.0) for algo in algos}

@@ -20,7 +20,7 @@ into collection and the update's phases (``update_time_breakdown_s``; SB3: ``tra
 
 Not identical, and not settable: on continuous actions the recipe's policy is a TanhNormal with a
 state-independent scale, SB3's a Normal with a state-independent log std whose actions are clipped to the
-bounds; the recipe's normalisation is VecNormV2 (decay 0.99999, std clamped at eps), SB3's an exact
+bounds; the recipe's normalisation is VecNormV2's maths (decay 0.99999, std clamped at eps), SB3's an exact
 running mean (variance + eps**2 under the root); gymnasium's and SB3's vector envs reset finished
 episodes differently; the same seed gives different initial weights and episodes. SB3's GAE falls in
 its collection time, the recipe's in its update ("advantage").

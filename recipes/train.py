@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import random
 import statistics
 import sys
 import time
@@ -42,7 +41,6 @@ import warnings
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -67,6 +65,7 @@ from torchrl_ot.training import (
     minibatches,
     new_obs_stats,
     plot_curve,
+    prepare_process,
     resolve_policy,
     rng_state,
     save_checkpoint,
@@ -82,10 +81,7 @@ def main(cfg: DictConfig) -> dict:
     fpb, mb_size = cfg.frames_per_batch, cfg.frames_per_batch // num_minibatches
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     ckpt_path = run_dir / "checkpoint.pt"
-    torch.set_num_threads(cfg.num_threads)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
+    prepare_process(cfg)  # threads, seeds
     start = time.perf_counter()
 
     # --- networks, the algorithm (its loss and its steps around the epochs), optimiser ----------

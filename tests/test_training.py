@@ -146,3 +146,85 @@ def test_value_and_advantage_is_the_two_mlps_batched():
                                torch.nn.ReLU(), torch.nn.Linear(8, 3))
     with pytest.raises(ValueError, match="Tanh activations only"):
         ValueAndAdvantage(mlp(5, 1, [16, 8], 1.0), relu)
+
+
+def test_minibatches_draw_torchrls_sampler_permutations_at_the_same_moments():
+    from tensordict import TensorDict
+    from torchrl.data import ReplayBuffer, TensorStorage
+    from torchrl.data.replay_buffers.samplers import SamplerWithoutReplacement
+
+    from torchrl_ot.training import Minibatches
+
+    data = TensorDict({"observation": torch.arange(40.0)[:, None], "next": {"reward": torch.zeros(40, 1)}}, [40])
+    draws = []
+    for make in (lambda: ReplayBuffer(storage=TensorStorage(data.exclude("next")),
+                                      sampler=SamplerWithoutReplacement(), batch_size=16),
+                 lambda: Minibatches(data, 16)):
+        torch.manual_seed(0)
+        source = make()
+        batches = [source.sample() for _ in range(7)]  # 16, 16, 8 per epoch: the last minibatch is shorter
+        draws.append(([b["observation"].squeeze(-1).tolist() for b in batches], torch.rand(3).tolist()))
+        assert "next" not in batches[0].keys()
+    assert draws[0] == draws[1]  # the same minibatches, and the same random stream afterwards
+    assert sorted(x for b in draws[1][0][:3] for x in b) == list(range(40))  # an epoch is a permutation
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_running_obs_norm_is_vecnormv2_bit_for_bit(frozen):
+    import gymnasium as gym
+    from torchrl.envs import Compose, GymWrapper, TransformedEnv, VecNormV2
+
+    from torchrl_ot.training import new_obs_stats
+    from torchrl_ot.training.obs_norm import RunningObsNorm
+
+    rollouts, stats = [], []
+    for make_norm in (lambda s: VecNormV2(in_keys=["observation"], decay=0.999, eps=1e-2, shared_data=s,
+                                          reduce_batch_dims=True),
+                      lambda s: RunningObsNorm(s, decay=0.999, eps=1e-2)):
+        s = new_obs_stats(4)
+        if frozen:  # statistics from an earlier run, no longer updated (the evaluation's env)
+            s["loc", "observation"].copy_(torch.tensor([0.1, -0.2, 0.0, 0.3]))
+            s["var", "observation"].copy_(torch.tensor([1.0, 2.0, 0.5, 1.5]))
+            s["count", "observation"].fill_(500)
+        norm = make_norm(s)
+        vec = gym.make_vec("CartPole-v1", num_envs=3, vectorization_mode="sync",
+                           vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.DISABLED})
+        env = TransformedEnv(GymWrapper(vec), Compose(norm.freeze() if frozen else norm))
+        env.set_seed(0)
+        torch.manual_seed(0)
+        # 60 random steps: CartPole's episodes end and reset on the way, which updates the statistics too
+        rollouts.append(env.rollout(60, break_when_any_done=False))
+        stats.append(s.clone())
+        env.close()
+    for key in ("observation", ("next", "observation")):
+        assert torch.equal(rollouts[0][key], rollouts[1][key])
+    assert (rollouts[0]["next", "done"]).any()  # resets happened
+    for key in (("loc", "observation"), ("var", "observation"), ("count", "observation")):
+        assert torch.equal(stats[0][key], stats[1][key])
+    # every step and every reset (the first, and one after each step where a copy ended) counts the 3 copies
+    resets = 1 + int(rollouts[1]["next", "done"].squeeze(-1).any(0).sum())
+    assert int(stats[1]["count", "observation"]) == (500 if frozen else 3 * (60 + resets))
+
+
+def test_record_missing_pandas_keeps_the_answers_and_touches_nothing_when_installed():
+    import subprocess
+    import sys
+
+    code = """
+import importlib.util, sys
+before = importlib.util.find_spec("pandas")
+from torchrl_ot.training import record_missing_pandas
+record_missing_pandas()
+after = importlib.util.find_spec("pandas")
+assert (before is None) == (after is None), (before, after)
+try:
+    import pandas
+    importable = True
+except ImportError:
+    importable = False
+assert importable == (before is not None)
+assert (sys.modules.get("pandas", 0) is None) == (before is None)
+print("ok", before is None)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-2000:]

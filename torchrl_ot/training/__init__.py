@@ -10,7 +10,8 @@ matplotlib); import it explicitly::
 - ``networks``: tanh MLPs, the actor, the critic and the advantage head, the policy setting;
 - ``algorithms``: one :class:`Algorithm` per ``algo``, its loss and what it does before and after
   the minibatch epochs (:func:`make_algorithm`);
-- ``config``: the config checks;
+- ``obs_norm``: the running observation normalisation (VecNormV2's maths on plain tensors);
+- ``config``: the config checks and the process-wide settings of a run;
 - ``checkpoint``: RNG states, atomic checkpoints, CSV logs cut back on resume;
 - ``summary``: the logger, ``summary.json`` and ``curve.png``.
 
@@ -24,6 +25,7 @@ from torchrl_ot.training.algorithms import (
     TRPO,
     UNUSED_AFTER_ADVANTAGES,
     Algorithm,
+    Minibatches,
     OTTrustRegion,
     algorithm_class,
     make_algorithm,
@@ -38,9 +40,10 @@ from torchrl_ot.training.checkpoint import (
     set_rng_state,
     truncate_csv_logs,
 )
-from torchrl_ot.training.config import check_config, epochs_and_minibatches
+from torchrl_ot.training.config import check_config, epochs_and_minibatches, prepare_process, record_missing_pandas
 from torchrl_ot.training.env import EVAL_SEED_OFFSET, check_env_name, evaluate, make_env, new_obs_stats
 from torchrl_ot.training.networks import ObsActionMLP, ValueAndAdvantage, make_networks, mlp, resolve_policy
+from torchrl_ot.training.obs_norm import RunningObsNorm
 from torchrl_ot.training.summary import PHASES, make_logger, make_summary, plot_curve
 
 __all__ = [
@@ -49,9 +52,11 @@ __all__ = [
     "EVAL_SEED_OFFSET",
     "PHASES",
     "PPO",
+    "RunningObsNorm",
     "TRPO",
     "UNUSED_AFTER_ADVANTAGES",
     "Algorithm",
+    "Minibatches",
     "OTTrustRegion",
     "ObsActionMLP",
     "ValueAndAdvantage",
@@ -72,6 +77,8 @@ __all__ = [
     "new_obs_stats",
     "normalize_advantage",
     "plot_curve",
+    "prepare_process",
+    "record_missing_pandas",
     "resolve_policy",
     "rng_state",
     "save_checkpoint",

@@ -25,8 +25,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModule
-from torchrl.data import ReplayBuffer, TensorStorage
-from torchrl.data.replay_buffers.samplers import SamplerWithoutReplacement
 from torchrl.modules import ProbabilisticActor, ValueOperator
 from torchrl.objectives import A2CLoss, ClipPPOLoss, LossModule
 from torchrl.objectives.utils import ValueEstimators
@@ -37,12 +35,34 @@ from torchrl_ot import DiscreteMetricCost, EuclideanCost, OTTrustRegionLoss, Tra
 UNUSED_AFTER_ADVANTAGES = ("next", "collector", "done", "terminated", "truncated", "episode_reward", "step_count")
 
 
-def minibatches(batch: TensorDictBase, size: int) -> ReplayBuffer:
-    """The batch as minibatches of ``size`` frames: successive ``sample()`` calls walk through one random
-    permutation of it (an epoch), then the next. Without the entries no loss reads any more
-    (``UNUSED_AFTER_ADVANTAGES``), which spares every minibatch their indexing."""
-    return ReplayBuffer(storage=TensorStorage(batch.reshape(-1).exclude(*UNUSED_AFTER_ADVANTAGES)),
-                        sampler=SamplerWithoutReplacement(), batch_size=size)
+class Minibatches:
+    """A collected batch as minibatches of ``size`` frames: successive :meth:`sample` calls walk through one
+    random permutation of it (an epoch; the last minibatch of an epoch may be shorter), then the next.
+
+    What TorchRL's ``ReplayBuffer(TensorStorage(batch), sampler=SamplerWithoutReplacement())`` gives, the same
+    permutations from the same ``torch.randperm`` draws at the same moments (the first on the first call, the
+    next as soon as one is used up, as its sampler does: that keeps every other random draw of a run where it
+    was), by indexing the flat batch directly: no storage and sampler bookkeeping on every step. Without the
+    entries no loss reads any more (``UNUSED_AFTER_ADVANTAGES``), which spares every minibatch their indexing.
+    """
+
+    def __init__(self, batch: TensorDictBase, size: int) -> None:
+        self.data = batch.reshape(-1).exclude(*UNUSED_AFTER_ADVANTAGES)
+        self.size = size
+        self._order: torch.Tensor | None = None
+
+    def sample(self) -> TensorDictBase:
+        if self._order is None:
+            self._order = torch.randperm(self.data.numel())
+        index, self._order = self._order[:self.size], self._order[self.size:]
+        if self._order.numel() == 0:
+            self._order = torch.randperm(self.data.numel())
+        return self.data[index]
+
+
+def minibatches(batch: TensorDictBase, size: int) -> Minibatches:
+    """The batch's :class:`Minibatches` of ``size`` frames."""
+    return Minibatches(batch, size)
 
 
 def normalize_advantage(batch: TensorDictBase) -> None:
@@ -71,6 +91,9 @@ class Algorithm:
     def __init__(self, cfg: DictConfig, policy: str, discrete: bool, actor: ProbabilisticActor,
                  critic: ValueOperator, head: TensorDictModule | None) -> None:
         self.cfg, self.policy = cfg, policy
+        # TorchRL's functional losses swap their parameters into the modules on every call (to_module): useful
+        # for target networks, which no on-policy loss here has; the plain modules hold the same parameters.
+        self.functional = bool(cfg.get("loss_functional", False))
         self.loss_module = self.make_loss(actor, critic, head, discrete)
         estimator_kwargs = {"gamma": cfg.env.gamma}
         if cfg.estimator.lmbda is not None:
@@ -143,7 +166,7 @@ class OTTrustRegion(Algorithm):
             num_candidates=algo.num_candidates, split=algo.name == "ot_trpo",
             mirror=algo.mirror,  # the loss refuses it for a non-Gaussian policy, naming both
             entropy_coeff=algo.entropy_coeff or None,
-            critic_coeff=algo.critic_coeff, loss_critic_type=algo.loss_critic_type)
+            critic_coeff=algo.critic_coeff, loss_critic_type=algo.loss_critic_type, functional=self.functional)
 
     def scheduled_scale(self, frames_done: int) -> float:
         """The Gaussian's std after ``frames_done`` frames (``algo.final_scale`` set)."""
@@ -196,7 +219,8 @@ class PPO(Algorithm):
         algo = self.cfg.algo
         return ClipPPOLoss(actor, critic, clip_epsilon=algo.clip_epsilon, entropy_bonus=bool(algo.entropy_coeff),
                            entropy_coeff=algo.entropy_coeff, critic_coeff=algo.critic_coeff,
-                           loss_critic_type=algo.loss_critic_type, normalize_advantage=algo.normalize_advantage)
+                           loss_critic_type=algo.loss_critic_type, normalize_advantage=algo.normalize_advantage,
+                           functional=self.functional)
 
 
 class A2C(Algorithm):
@@ -206,7 +230,8 @@ class A2C(Algorithm):
                   discrete: bool) -> LossModule:
         algo = self.cfg.algo
         return A2CLoss(actor, critic, entropy_bonus=bool(algo.entropy_coeff), entropy_coeff=algo.entropy_coeff,
-                       critic_coeff=algo.critic_coeff, loss_critic_type=algo.loss_critic_type)
+                       critic_coeff=algo.critic_coeff, loss_critic_type=algo.loss_critic_type,
+                       functional=self.functional)
 
 
 class TRPO(Algorithm):
@@ -220,7 +245,7 @@ class TRPO(Algorithm):
         return TRPOLoss(actor, critic, max_kl=algo.max_kl, cg_iters=algo.cg_iters, cg_damping=algo.cg_damping,
                         backtrack_iters=algo.backtrack_iters, backtrack_coeff=algo.backtrack_coeff,
                         entropy_coeff=algo.entropy_coeff or None, critic_coeff=algo.critic_coeff,
-                        loss_critic_type=algo.loss_critic_type)
+                        loss_critic_type=algo.loss_critic_type, functional=self.functional)
 
     def before_epochs(self, batch: TensorDictBase, row: dict[str, float]) -> None:
         if self.cfg.algo.normalize_advantage:

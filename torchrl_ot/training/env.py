@@ -8,7 +8,6 @@ of them, which is what lets a run resume exactly from a checkpoint (``recipes/tr
 from __future__ import annotations
 
 import difflib
-import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -25,16 +24,14 @@ from torchrl.envs import (
     RewardSum,
     StepCounter,
     TransformedEnv,
-    VecNormV2,
     set_exploration_type,
 )
 
 from torchrl_ot.envs import OneHotObservation  # importing torchrl_ot.envs also registers NChain-v0
 from torchrl_ot.tabular import episode_limit
+from torchrl_ot.training.obs_norm import RunningObsNorm
 
 EVAL_SEED_OFFSET = 10_000
-# VecNormV2 calls batched envs "experimental"; with reduce_batch_dims=True it averages over the copies.
-warnings.filterwarnings("ignore", message="Support of VecNormV2 for containers")
 
 
 def check_env_name(name: str) -> None:
@@ -57,7 +54,7 @@ def make_env(name: str, seed: int, obs_stats: TensorDict | None, cfg: DictConfig
     """``num_envs`` synchronous gymnasium copies as one TorchRL env ``[num_envs]``, float32 observations,
     running normalisation, episode return/length; seeded (copy i gets ``seed + i``).
 
-    ``obs_stats`` (loc/var/count) is the single store of the normalisation statistics: the VecNormV2
+    ``obs_stats`` (loc/var/count) is the single store of the normalisation statistics: the RunningObsNorm
     transform updates it in place (``shared_data``), so the run loop checkpoints it and the next fresh
     env continues from it. ``None``: no normalisation. ``frozen``: normalise without updating the
     statistics (evaluation). ``cfg`` gives ``obs_norm.decay``, ``obs_norm.eps`` and ``obs_norm.clip``.
@@ -92,9 +89,8 @@ def make_env(name: str, seed: int, obs_stats: TensorDict | None, cfg: DictConfig
     if base.observation_spec["observation"].dtype == torch.float64:
         transforms.append(DoubleToFloat(in_keys=["observation"]))
     if obs_stats is not None:
-        norm = VecNormV2(in_keys=["observation"], decay=cfg.obs_norm.decay, eps=cfg.obs_norm.eps,
-                         shared_data=obs_stats, reduce_batch_dims=True)
-        transforms += [norm.freeze() if frozen else norm,
+        norm = RunningObsNorm(obs_stats, decay=cfg.obs_norm.decay, eps=cfg.obs_norm.eps, frozen=frozen)
+        transforms += [norm,
                        ClipTransform(in_keys=["observation"], low=-cfg.obs_norm.clip, high=cfg.obs_norm.clip)]
     transforms += [RewardSum(), StepCounter()]
     env = TransformedEnv(base, Compose(*transforms))
@@ -103,7 +99,8 @@ def make_env(name: str, seed: int, obs_stats: TensorDict | None, cfg: DictConfig
 
 
 def new_obs_stats(obs_dim: int) -> TensorDict:
-    """Zero statistics in VecNormV2's layout (it bias-corrects the running moments, so zeros are a clean start).
+    """Zero statistics in VecNormV2's layout, which RunningObsNorm keeps (it bias-corrects the running
+    moments, so zeros are a clean start).
 
     >>> new_obs_stats(3)["loc", "observation"]
     tensor([0., 0., 0.])
