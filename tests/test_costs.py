@@ -6,16 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from torchrl_ot.costs import (
-    CallableCost,
-    DiscreteMetricCost,
-    EuclideanCost,
-    IndexDistanceCost,
-    L1Cost,
-    MatrixCost,
-    TransportCost,
-    check_cost_values,
-)
+from torchrl_ot import CallableCost, DiscreteMetricCost, EuclideanCost, IndexDistanceCost, L1Cost, MatrixCost
+from torchrl_ot.costs import TransportCost, check_cost_values
 
 F64 = torch.float64
 
