@@ -224,3 +224,58 @@ def test_projection_refuses_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match="NaN"):
         loss.project_into_trust_region(td, torch.full_like(theta, float("nan")))
     assert torch.equal(loss.actor_parameters(), theta)  # refused before touching anything
+
+
+@pytest.mark.parametrize("policy", ["categorical", "gaussian"])
+def test_extension_lengthens_a_short_step_to_the_radius_without_losing_objective(policy):
+    loss = _loss(policy, 0.05)
+    td = _batch(policy)
+    loss.solve_multiplier(td)
+    if policy == "categorical":  # the target follows the head: let the batch's advantages be the head's too
+        head = loss._head(td, td["ot_behaviour_probs"])
+        td["advantage"] = head.gather(-1, td["action"][:, None]).detach()
+    theta_old = loss.actor_parameters()
+    optim = torch.optim.SGD(loss.parameters(), lr=0.02)
+    for _ in range(2):  # a short fitted step: inside the radius, and better than theta_old
+        optim.zero_grad()
+        loss(td)["loss_objective"].backward()
+        optim.step()
+    theta_fit = loss.actor_parameters()
+
+    def objective(theta):  # the importance-sampled surrogate, by hand
+        set_flat_params(loss._actor_params(), theta)
+        with torch.no_grad(), loss._params("actor_network"):
+            new = loss.actor_network.get_dist(td.select("observation").clone())
+        old = loss.actor_network.build_dist_from_params(td.select(*loss._dist_keys))
+        action = td["action"]
+        logp_new, logp_old = new.log_prob(action), old.log_prob(action)
+        if logp_new.dim() > 1:  # Normal without Independent: the action dimensions
+            logp_new, logp_old = logp_new.sum(-1), logp_old.sum(-1)
+        value = ((logp_new - logp_old).exp() * td["advantage"].squeeze(-1)).mean().item()
+        assert loss.surrogate(td).item() == pytest.approx(value, rel=1e-5, abs=1e-7)
+        return value
+
+    fitted_value, fitted_moved = objective(theta_fit), loss.realised_transport(td).item()
+    assert fitted_moved < 0.5 * loss.epsilon and fitted_value > objective(theta_old)
+    set_flat_params(loss._actor_params(), theta_fit)
+    info = loss.project_into_trust_region(td, theta_old, backtrack_coeff=0.8, max_extension=8.0)
+    frac = info["step_fraction"].item()
+    assert frac > 1 and info["backtracks"].item() == 0
+    kept = loss.actor_parameters()
+    torch.testing.assert_close(kept, theta_old + frac * (theta_fit - theta_old))
+    assert loss.realised_transport(td).item() == pytest.approx(info["realised_transport"].item())
+    assert fitted_moved < info["realised_transport"].item() <= loss.epsilon  # longer, still inside
+    assert objective(kept) >= fitted_value
+    # the next step out was refused: outside the radius, worse, or beyond max_extension
+    longer = theta_old + frac * (1 / 0.8) * (theta_fit - theta_old)  # the very next trial
+    worse = objective(longer) < objective(kept)
+    set_flat_params(loss._actor_params(), longer)
+    assert frac / 0.8 > 8.0 + 1e-9 or worse or loss.realised_transport(td).item() > loss.epsilon
+
+
+def test_extension_off_by_default_and_checked():
+    loss = _loss("gaussian", 10.0)
+    td = _batch("gaussian")
+    loss.solve_multiplier(td)
+    with pytest.raises(ValueError, match="max_extension"):
+        loss.project_into_trust_region(td, loss.actor_parameters(), max_extension=0.5)

@@ -130,6 +130,17 @@ def test_enforce_radius_keeps_every_network_update_inside(tmp_path, env):
     assert summary["realised_within_epsilon_fraction"] == 1.0
 
 
+def test_step_extension_lengthens_steps_and_keeps_them_inside(tmp_path):
+    proc = _run("env=Pendulum-v1", *_tiny(), "algo.max_step_extension=4.0", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scalars = tmp_path / "logs" / "scalars"
+    realised = [v for _, v in _csv(scalars / "realised_transport_over_epsilon.csv")]
+    fractions = [v for _, v in _csv(scalars / "step_fraction.csv")]
+    assert len(realised) == len(fractions) == 4
+    assert all(v <= 1 + 1e-9 for v in realised) and all(f <= 4.0 + 1e-9 for f in fractions)
+    assert any(f > 1 for f in fractions)  # some fitted step was lengthened
+
+
 def _assert_same_run(a: Path, b: Path):
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
     assert sb["frames"] == sa["frames"]

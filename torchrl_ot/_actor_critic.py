@@ -28,7 +28,7 @@ from torchrl.objectives.utils import (
 
 from torchrl_ot.validation import check_choice, check_finite_entries, check_real
 
-__all__ = ["ActorCriticKeys", "ActorCriticLoss", "get_flat_params", "set_flat_params"]
+__all__ = ["ActorCriticKeys", "ActorCriticLoss", "get_flat_params", "log_prob_per_sample", "set_flat_params"]
 
 
 def get_flat_params(params: Sequence[Tensor]) -> Tensor:
@@ -45,6 +45,13 @@ def set_flat_params(params: Sequence[Tensor], flat: Tensor) -> None:
     with torch.no_grad():
         for p, chunk in zip(params, flat.split(sizes), strict=True):
             p.copy_(chunk.view_as(p))
+
+
+def log_prob_per_sample(dist, action: Tensor, n: int) -> Tensor:
+    """Per-sample log-probability ``[n]`` (Normal without Independent: summed over action dimensions)."""
+    if action.dim() == len(dist.batch_shape) + len(dist.event_shape) + 1 and action.shape[-1] == 1:
+        action = action.squeeze(-1)  # a Categorical index stored as [n, 1] would otherwise broadcast to [n, n]
+    return dist.log_prob(action).reshape(n, -1).sum(-1)
 
 
 @dataclass
@@ -147,6 +154,13 @@ class ActorCriticLoss(LossModule):
 
     def _check_entries(self, td, keys) -> None:
         check_finite_entries(td, keys, type(self).__name__)
+
+    def _old_log_prob(self, flat: TensorDictBase, old) -> Tensor:
+        """log pi_old(a_b|s_b) ``[n]``: the stored ``sample_log_prob`` (the behaviour's), else ``old``'s."""
+        stored = flat.get(self.tensor_keys.sample_log_prob, None)
+        n = flat.numel()
+        logp = log_prob_per_sample(old, flat.get(self.tensor_keys.action), n) if stored is None else stored.reshape(n)
+        return logp.detach()
 
     def _actor_params(self) -> list[nn.Parameter]:
         # The very Parameter objects the actor runs with (functional: those loaded by to_module).

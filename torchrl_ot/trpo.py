@@ -13,7 +13,13 @@ from torch import Tensor
 from torch.distributions import Distribution, kl_divergence
 from torchrl.modules.distributions.utils import has_analytic_entropy
 
-from torchrl_ot._actor_critic import ActorCriticKeys, ActorCriticLoss, get_flat_params, set_flat_params
+from torchrl_ot._actor_critic import (
+    ActorCriticKeys,
+    ActorCriticLoss,
+    get_flat_params,
+    log_prob_per_sample,
+    set_flat_params,
+)
 from torchrl_ot.validation import check_positive_int, check_real
 
 __all__ = ["TRPOLoss", "conjugate_gradient", "fisher_vector_product", "flat_grad", "get_flat_params",
@@ -62,13 +68,6 @@ def _kl(old: Distribution, new: Distribution, n: int) -> Tensor:
     return kl_divergence(old, new).reshape(n, -1).sum(-1)
 
 
-def _log_prob(dist: Distribution, action: Tensor, n: int) -> Tensor:
-    """Per-sample log-probability ``[n]`` (Normal without Independent: summed over action dimensions)."""
-    if action.dim() == len(dist.batch_shape) + len(dist.event_shape) + 1 and action.shape[-1] == 1:
-        action = action.squeeze(-1)  # a Categorical index stored as [n, 1] would otherwise broadcast to [n, n]
-    return dist.log_prob(action).reshape(n, -1).sum(-1)
-
-
 def _entropy(dist: Distribution, n: int, seed: int | None = None) -> Tensor:
     """Per-sample entropy ``[n]``: analytic if available, else a one-draw Monte-Carlo estimate (TanhNormal). A
     ``seed`` makes the draw common to all line-search candidates (fresh noise could accept a step on noise alone)."""
@@ -77,7 +76,7 @@ def _entropy(dist: Distribution, n: int, seed: int | None = None) -> Tensor:
     with torch.random.fork_rng(enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        return -_log_prob(dist, dist.rsample(), n)
+        return -log_prob_per_sample(dist, dist.rsample(), n)
 
 
 class TRPOLoss(ActorCriticLoss):
@@ -180,18 +179,13 @@ class TRPOLoss(ActorCriticLoss):
             raise ValueError(f"advantage must hold one value per sample, got {tuple(td.get(keys.advantage).shape)}")
         return td.reshape(-1)
 
-    def _old_log_prob(self, flat: TensorDictBase, old: Distribution) -> Tensor:
-        stored = flat.get(self.tensor_keys.sample_log_prob, None)
-        n = flat.numel()
-        return (_log_prob(old, flat.get(self.tensor_keys.action), n) if stored is None else stored.reshape(n)).detach()
-
     def _objective(self, flat: TensorDictBase, old: Distribution, logp_old: Tensor,
                    seed: int | None = None) -> tuple[Tensor, Tensor, Distribution]:
         """Per-sample surrogate ``ratio * A`` (plus the entropy bonus if configured and a ``seed`` is given, i.e. in
         actor_step) and KL(pi_old || pi_theta) ``[n]``, with the current actor."""
         n = flat.numel()
         dist = self._current_dist(flat)
-        ratio = torch.exp(_log_prob(dist, flat.get(self.tensor_keys.action), n) - logp_old)
+        ratio = torch.exp(log_prob_per_sample(dist, flat.get(self.tensor_keys.action), n) - logp_old)
         surrogate = ratio * flat.get(self.tensor_keys.advantage).reshape(n).detach()
         if seed is not None and self.entropy_coeff is not None:
             surrogate = surrogate + self.entropy_coeff * _entropy(dist, n, seed)

@@ -192,7 +192,8 @@ class OTTrustRegion(Algorithm):
         # What the fitted network moved (exact, or a bound), against the radius.
         loss = self.loss_module
         if self.cfg.algo.enforce_radius:  # backtrack the actor's step until it is inside (or undo it)
-            proj = loss.project_into_trust_region(batch, self.theta_old)
+            proj = loss.project_into_trust_region(batch, self.theta_old, backtrack_coeff=0.8,
+                                                  max_extension=self.cfg.algo.get("max_step_extension", 1.0))
             moved = proj["realised_transport"]
             row["step_fraction"] = proj["step_fraction"].item()
         else:
