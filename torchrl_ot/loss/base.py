@@ -1,9 +1,9 @@
 """``OTTrustRegionLoss``: the practical OT-TRPO update of Section 5 (Algorithm 1, steps 4-5) as a TorchRL loss.
 
 This module holds what every policy setting shares: the exact solve for lam* once per collected batch
-(:meth:`~OTTrustRegionLoss.solve_multiplier`), the losses (:meth:`~OTTrustRegionLoss.forward`), what the fitted
-network moved (:meth:`~OTTrustRegionLoss.realised_transport`) and the projection of its step into the radius
-(:meth:`~OTTrustRegionLoss.project_into_trust_region`). Each is a skeleton around one hook that a setting
+(:meth:`~OTTrustRegionLoss.solve_multiplier`) and the losses (:meth:`~OTTrustRegionLoss.forward`); what the fitted
+network moved and the projection of its step into the radius come from
+:class:`~torchrl_ot.loss.projection.TrustRegionProjection`. Each is a skeleton around one hook that a setting
 implements: ``_candidates`` (step 4: the candidates, their advantages and costs, and the solution),
 ``_objective`` (step 5: the per-sample objective) and ``_transport`` (the OT discrepancy between pi_old and
 pi_theta at a state). The settings live beside it: :mod:`~torchrl_ot.loss.gaussian`,
@@ -23,15 +23,13 @@ from torch import Tensor
 from torchrl_ot._actor_critic import (
     ActorCriticKeys,
     ActorCriticLoss,
-    get_flat_params,
-    log_prob_per_sample,
-    set_flat_params,
 )
 from torchrl_ot.costs import TransportCost
 from torchrl_ot.dual import DualSolver
 from torchrl_ot.functional import DualSolution
 from torchrl_ot.keys import OTKeys, write_solution
-from torchrl_ot.validation import check_choice, check_epsilon, check_positive_int, check_real
+from torchrl_ot.loss.projection import TrustRegionProjection
+from torchrl_ot.validation import check_choice, check_epsilon
 
 __all__ = ["OTTrustRegionLoss"]
 
@@ -60,7 +58,7 @@ class _SettingFactory(type(ActorCriticLoss)):
         return super().__call__(*args, **kwargs)
 
 
-class OTTrustRegionLoss(ActorCriticLoss, metaclass=_SettingFactory):
+class OTTrustRegionLoss(TrustRegionProjection, ActorCriticLoss, metaclass=_SettingFactory):
     """OT-TRPO loss: Algorithm 1 of the paper, step 4 (solve for lam*) and step 5 (update theta).
 
     The dual (eq. 12) ``G(lam) = lam * eps + sum_b w_b max_k (A_bk - lam c_bk)`` is solved *exactly* by
@@ -294,110 +292,6 @@ class OTTrustRegionLoss(ActorCriticLoss, metaclass=_SettingFactory):
         """The exact dual over ``[n, K]`` candidates with uniform weights, by the loss's :class:`DualSolver`."""
         keys = self._solver.tensor_keys
         return self._solver.solve(TensorDict({keys.advantage: cand_adv, keys.cost: cost}, batch_size=cost.shape[:1]))
-
-    # ---------------------------------------------------------------------------------------------
-    # what the fitted network moved, and the projection into the radius
-
-    @torch.no_grad()
-    def realised_transport(self, tensordict: TensorDictBase) -> Tensor:
-        """The trust-region constraint of Problem (P) for the CURRENT network: ``(1/B) sum_b C(pi_old(.|s_b),
-        pi_theta(.|s_b))`` over the batch's states, C the OT discrepancy of eq. 1 under ``cost``.
-
-        ``ot_transport`` is the transport of the exact update (eq. 9-10), which the network is fitted to; this is
-        what the fitted network actually moved, so ``realised_transport(batch) <= epsilon`` is the check that an
-        update stayed inside its trust region. Call it after the optimisation epochs on the batch that
-        :meth:`solve_multiplier` recorded pi_old in. Exact for a categorical policy, an upper bound for a Gaussian
-        one (a value <= epsilon then still proves the update inside). Returns a float64 scalar.
-        """
-        if not all(tensordict.get(k, None) is not None for k in self._dist_keys):
-            raise ValueError(f"realised_transport needs pi_old's parameters {self._dist_keys} in the batch: call "
-                             "solve_multiplier on it before the update")
-        flat = tensordict.reshape(-1)
-        old = self.actor_network.build_dist_from_params(flat.select(*self._dist_keys))
-        return self._transport(old, self._current_dist(flat)).mean()
-
-    @torch.no_grad()
-    def project_into_trust_region(self, tensordict: TensorDictBase, theta_old: Tensor, *,
-                                  backtrack_coeff: float = 0.8, max_backtracks: int = 10,
-                                  max_extension: float = 1.0) -> TensorDictBase:
-        """Make the fitted update satisfy Problem (P)'s constraint on the batch: after the epochs, keep the
-        largest step ``theta_old + backtrack_coeff**i (theta - theta_old)``, ``i = 0..max_backtracks``, whose
-        :meth:`realised_transport` is at most ``epsilon``; if none is, restore ``theta_old`` (no update, zero
-        transport). The actor's parameters change in place; the critics are untouched.
-
-        ``max_extension > 1`` (an addition to the paper, off by default) also lengthens a fitted step that is
-        inside the radius: along the same direction, steps of ``backtrack_coeff**-j`` (``j = 1, 2, ...``) times
-        it, up to ``max_extension``, are taken while each stays inside the radius and does not lower the batch's
-        surrogate, :meth:`surrogate`; the last such step is kept. The fitted network otherwise realises only a
-        fraction of epsilon; no accepted step leaves the radius either way.
-
-        This is how the network update is kept *provably* inside the trust region (exactly for categorical
-        policies; through an upper bound for Gaussian ones): the paper's step 5 fits the network to the exact
-        update by gradient steps, and nothing in that fit bounds what the network moves at the batch's states.
-        Returns ``realised_transport`` (of the kept parameters), ``step_fraction`` (the kept fraction of the step:
-        1, a power of ``backtrack_coeff``, or 0) and ``backtracks``.
-        """
-        if not 0 < backtrack_coeff < 1:
-            raise ValueError(f"backtrack_coeff must lie in (0, 1), got {backtrack_coeff!r}")
-        check_positive_int("max_backtracks", max_backtracks, minimum=0)
-        check_real("max_extension", max_extension, low=1.0)
-        params = self._actor_params()
-        theta_new = get_flat_params(params)
-        if theta_old.shape != theta_new.shape:
-            raise ValueError(f"theta_old must be the actor's flat parameters ({theta_new.numel()} entries, from "
-                             f"actor_parameters()), got shape {tuple(theta_old.shape)}")
-        for name, theta in (("theta_old", theta_old), ("the actor's parameters", theta_new)):
-            if not bool(torch.isfinite(theta).all()):  # neither end of the step may bring a NaN in
-                raise ValueError(f"{name} contain NaN or inf; refusing to project a NaN update")
-        step = theta_new - theta_old
-        for i in range(max_backtracks + 1):
-            fraction = backtrack_coeff**i
-            if i:
-                set_flat_params(params, theta_old + fraction * step)
-            moved = self.realised_transport(tensordict)
-            if bool(moved <= self.epsilon):
-                break
-        else:
-            set_flat_params(params, theta_old)
-            moved, fraction, i = self.realised_transport(tensordict), 0.0, max_backtracks + 1
-        if i == 0 and max_extension > 1:
-            moved, fraction = self._extend(tensordict, params, theta_old, theta_new, moved, backtrack_coeff,
-                                           max_extension)
-        return TensorDict({"realised_transport": moved, "step_fraction": torch.tensor(float(fraction)),
-                           "backtracks": torch.tensor(i)}, batch_size=[])
-
-    @torch.no_grad()
-    def surrogate(self, tensordict: TensorDictBase) -> Tensor:
-        """The batch's importance-sampled surrogate of Problem (P)'s objective for the CURRENT network,
-        ``(1/B) sum_b pi_theta(a_b|s_b) / pi_old(a_b|s_b) A_b`` (TRPO's ``L``), ``pi_old`` the behaviour policy
-        (its stored log-probabilities, else the parameters ``solve_multiplier`` recorded). It estimates the
-        expected advantage of pi_theta from the batch's own samples, so it compares networks whatever the
-        setting; the step-5 objectives of the settings are Lagrangians at a fixed lam* and do not."""
-        flat = tensordict.reshape(-1)
-        n = flat.numel()
-        old = self.actor_network.build_dist_from_params(flat.select(*self._dist_keys))
-        logp = log_prob_per_sample(self._current_dist(flat), flat.get(self.tensor_keys.action), n)
-        ratio = torch.exp(logp - self._old_log_prob(flat, old))
-        return (ratio * self._advantage(flat).detach()).double().mean()
-
-    def _extend(self, tensordict: TensorDictBase, params, theta_old: Tensor, theta_new: Tensor, moved: Tensor,
-                coeff: float, max_extension: float) -> tuple[Tensor, float]:
-        """Lengthen an admissible step by factors ``1 / coeff`` while it stays inside the radius and the batch's
-        objective does not fall (see :meth:`project_into_trust_region`); returns the kept step's transport and
-        length, the parameters left at it."""
-        step = theta_new - theta_old
-        best = self.surrogate(tensordict)
-        fraction, scale = 1.0, 1.0 / coeff
-        while fraction * scale <= max_extension * (1 + 1e-12):
-            set_flat_params(params, theta_old + fraction * scale * step)
-            trial = self.realised_transport(tensordict)
-            value = self.surrogate(tensordict) if bool(trial <= self.epsilon) else None
-            if value is None or not bool(value >= best):
-                break
-            fraction, moved, best = fraction * scale, trial, value
-        # No longer step accepted: the fitted parameters themselves, bit for bit.
-        set_flat_params(params, theta_new if fraction == 1.0 else theta_old + fraction * step)
-        return moved, fraction
 
     # ---------------------------------------------------------------------------------------------
     # step 5: the loss

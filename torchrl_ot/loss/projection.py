@@ -1,0 +1,124 @@
+"""What the fitted network moved, and keeping it in the radius: the step after the epochs of every OT loss.
+
+The paper's step 5 fits the network to the exact update by gradient steps; nothing in that fit bounds what the
+network itself moves. :class:`TrustRegionProjection` measures it (:meth:`~TrustRegionProjection.realised_transport`,
+Problem (P)'s constraint), backtracks a step that left the radius and, on request, lengthens one that used little
+of it (:meth:`~TrustRegionProjection.project_into_trust_region`). A mixin of
+:class:`~torchrl_ot.loss.OTTrustRegionLoss`, whose settings give the measure (``_transport``).
+"""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import Tensor
+
+from torchrl_ot._actor_critic import get_flat_params, log_prob_per_sample, set_flat_params
+from torchrl_ot.validation import check_positive_int, check_real
+
+__all__ = ["TrustRegionProjection"]
+
+
+class TrustRegionProjection:
+    """Measure and enforce Problem (P)'s constraint for the current network (mixed into the OT losses)."""
+
+    @torch.no_grad()
+    def realised_transport(self, tensordict: TensorDictBase) -> Tensor:
+        """The trust-region constraint of Problem (P) for the CURRENT network: ``(1/B) sum_b C(pi_old(.|s_b),
+        pi_theta(.|s_b))`` over the batch's states, C the OT discrepancy of eq. 1 under ``cost``.
+
+        ``ot_transport`` is the transport of the exact update (eq. 9-10), which the network is fitted to; this is
+        what the fitted network actually moved, so ``realised_transport(batch) <= epsilon`` is the check that an
+        update stayed inside its trust region. Call it after the optimisation epochs on the batch that
+        :meth:`solve_multiplier` recorded pi_old in. Exact for a categorical policy, an upper bound for a Gaussian
+        one (a value <= epsilon then still proves the update inside). Returns a float64 scalar.
+        """
+        if not all(tensordict.get(k, None) is not None for k in self._dist_keys):
+            raise ValueError(f"realised_transport needs pi_old's parameters {self._dist_keys} in the batch: call "
+                             "solve_multiplier on it before the update")
+        flat = tensordict.reshape(-1)
+        old = self.actor_network.build_dist_from_params(flat.select(*self._dist_keys))
+        return self._transport(old, self._current_dist(flat)).mean()
+
+    @torch.no_grad()
+    def project_into_trust_region(self, tensordict: TensorDictBase, theta_old: Tensor, *,
+                                  backtrack_coeff: float = 0.8, max_backtracks: int = 10,
+                                  max_extension: float = 1.0) -> TensorDictBase:
+        """Make the fitted update satisfy Problem (P)'s constraint on the batch: after the epochs, keep the
+        largest step ``theta_old + backtrack_coeff**i (theta - theta_old)``, ``i = 0..max_backtracks``, whose
+        :meth:`realised_transport` is at most ``epsilon``; if none is, restore ``theta_old`` (no update, zero
+        transport). The actor's parameters change in place; the critics are untouched.
+
+        ``max_extension > 1`` (an addition to the paper, off by default) also lengthens a fitted step that is
+        inside the radius: along the same direction, steps of ``backtrack_coeff**-j`` (``j = 1, 2, ...``) times
+        it, up to ``max_extension``, are taken while each stays inside the radius and does not lower the batch's
+        surrogate, :meth:`surrogate`; the last such step is kept. The fitted network otherwise realises only a
+        fraction of epsilon; no accepted step leaves the radius either way.
+
+        This is how the network update is kept *provably* inside the trust region (exactly for categorical
+        policies; through an upper bound for Gaussian ones): the paper's step 5 fits the network to the exact
+        update by gradient steps, and nothing in that fit bounds what the network moves at the batch's states.
+        Returns ``realised_transport`` (of the kept parameters), ``step_fraction`` (the kept fraction of the step:
+        1, a power of ``backtrack_coeff``, or 0) and ``backtracks``.
+        """
+        if not 0 < backtrack_coeff < 1:
+            raise ValueError(f"backtrack_coeff must lie in (0, 1), got {backtrack_coeff!r}")
+        check_positive_int("max_backtracks", max_backtracks, minimum=0)
+        check_real("max_extension", max_extension, low=1.0)
+        params = self._actor_params()
+        theta_new = get_flat_params(params)
+        if theta_old.shape != theta_new.shape:
+            raise ValueError(f"theta_old must be the actor's flat parameters ({theta_new.numel()} entries, from "
+                             f"actor_parameters()), got shape {tuple(theta_old.shape)}")
+        for name, theta in (("theta_old", theta_old), ("the actor's parameters", theta_new)):
+            if not bool(torch.isfinite(theta).all()):  # neither end of the step may bring a NaN in
+                raise ValueError(f"{name} contain NaN or inf; refusing to project a NaN update")
+        step = theta_new - theta_old
+        for i in range(max_backtracks + 1):
+            fraction = backtrack_coeff**i
+            if i:
+                set_flat_params(params, theta_old + fraction * step)
+            moved = self.realised_transport(tensordict)
+            if bool(moved <= self.epsilon):
+                break
+        else:
+            set_flat_params(params, theta_old)
+            moved, fraction, i = self.realised_transport(tensordict), 0.0, max_backtracks + 1
+        if i == 0 and max_extension > 1:
+            moved, fraction = self._extend(tensordict, params, theta_old, theta_new, moved, backtrack_coeff,
+                                           max_extension)
+        return TensorDict({"realised_transport": moved, "step_fraction": torch.tensor(float(fraction)),
+                           "backtracks": torch.tensor(i)}, batch_size=[])
+
+    @torch.no_grad()
+    def surrogate(self, tensordict: TensorDictBase) -> Tensor:
+        """The batch's importance-sampled surrogate of Problem (P)'s objective for the CURRENT network,
+        ``(1/B) sum_b pi_theta(a_b|s_b) / pi_old(a_b|s_b) A_b`` (TRPO's ``L``), ``pi_old`` the behaviour policy
+        (its stored log-probabilities, else the parameters ``solve_multiplier`` recorded). It estimates the
+        expected advantage of pi_theta from the batch's own samples, so it compares networks whatever the
+        setting; the step-5 objectives of the settings are Lagrangians at a fixed lam* and do not."""
+        flat = tensordict.reshape(-1)
+        n = flat.numel()
+        old = self.actor_network.build_dist_from_params(flat.select(*self._dist_keys))
+        logp = log_prob_per_sample(self._current_dist(flat), flat.get(self.tensor_keys.action), n)
+        ratio = torch.exp(logp - self._old_log_prob(flat, old))
+        return (ratio * self._advantage(flat).detach()).double().mean()
+
+    def _extend(self, tensordict: TensorDictBase, params, theta_old: Tensor, theta_new: Tensor, moved: Tensor,
+                coeff: float, max_extension: float) -> tuple[Tensor, float]:
+        """Lengthen an admissible step by factors ``1 / coeff`` while it stays inside the radius and the batch's
+        objective does not fall (see :meth:`project_into_trust_region`); returns the kept step's transport and
+        length, the parameters left at it."""
+        step = theta_new - theta_old
+        best = self.surrogate(tensordict)
+        fraction, scale = 1.0, 1.0 / coeff
+        while fraction * scale <= max_extension * (1 + 1e-12):
+            set_flat_params(params, theta_old + fraction * scale * step)
+            trial = self.realised_transport(tensordict)
+            value = self.surrogate(tensordict) if bool(trial <= self.epsilon) else None
+            if value is None or not bool(value >= best):
+                break
+            fraction, moved, best = fraction * scale, trial, value
+        # No longer step accepted: the fitted parameters themselves, bit for bit.
+        set_flat_params(params, theta_new if fraction == 1.0 else theta_old + fraction * step)
+        return moved, fraction
