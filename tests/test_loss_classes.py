@@ -99,6 +99,9 @@ def test_factory_accepts_other_settings_options_at_their_defaults_only():
         GaussianOTLoss(*args, advantage_network=_networks("categorical")[2], **kwargs)
     with pytest.raises(TypeError):  # a setting's class takes only its own keywords
         GaussianOTLoss(*args, split=True, **kwargs)
+    assert type(GaussianOTLoss(*args, policy="gaussian", **kwargs)) is GaussianOTLoss  # its own name is fine
+    with pytest.raises(ValueError, match="GaussianOTLoss is policy='gaussian'"):
+        GaussianOTLoss(*args, policy="sampled", **kwargs)
 
 
 @pytest.mark.parametrize("policy", list(CLASSES))

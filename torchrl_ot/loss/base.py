@@ -55,6 +55,10 @@ class _SettingFactory(type(ActorCriticLoss)):
                     if value is not default and value != default:
                         raise ValueError(f"{option}={value!r} is an option of policy={' or '.join(map(repr, owners))}"
                                          f" only, got policy={policy!r}")
+        elif "policy" in kwargs:  # a setting's own class may be given its own name
+            if kwargs.pop("policy") != getattr(cls, "policy", None):
+                raise ValueError(f"{cls.__name__} is policy={getattr(cls, 'policy', None)!r}; build another setting "
+                                 "with OTTrustRegionLoss(..., policy=...)")
         return super().__call__(*args, **kwargs)
 
 
