@@ -185,3 +185,12 @@ def test_a_new_setting_implements_only_its_hooks():
             OTTrustRegionLoss(*args, policy="softmax", **kwargs)
     finally:
         OTTrustRegionLoss.settings.pop("test_mean_hinge")
+
+
+@pytest.mark.parametrize("policy", list(CLASSES))
+def test_an_empty_batch_is_refused(policy):
+    # TensorDict.numel() is at least 1, so the check reads the batch size itself
+    args, kwargs = _kwargs(policy)
+    loss = CLASSES[policy](*args, **kwargs)
+    with pytest.raises(ValueError, match="empty batch"):
+        loss.solve_multiplier(_data(policy)[:0])

@@ -162,6 +162,8 @@ def test_realised_transport_needs_the_recorded_pi_old():
     loss = _loss("categorical", 0.05)
     with pytest.raises(ValueError, match="solve_multiplier"):
         loss.realised_transport(_batch("categorical"))
+    with pytest.raises(ValueError, match="surrogate needs pi_old"):
+        loss.surrogate(_batch("categorical"))
 
 
 @pytest.mark.parametrize("policy", ["categorical", "gaussian"])

@@ -228,3 +228,15 @@ print("ok", before is None)
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("size", [0, -3, 2.5, True])
+def test_minibatches_refuse_a_bad_size(size):
+    from tensordict import TensorDict
+
+    from torchrl_ot.training import Minibatches
+
+    with pytest.raises(ValueError, match="size"):
+        Minibatches(TensorDict({"observation": torch.zeros(8, 1)}, [8]), size)
+    with pytest.raises(ValueError, match="empty"):
+        Minibatches(TensorDict({"observation": torch.zeros(0, 1)}, [0]), 4)

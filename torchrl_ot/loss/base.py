@@ -280,7 +280,7 @@ class OTTrustRegionLoss(TrustRegionProjection, ActorCriticLoss, metaclass=_Setti
         if tensordict.get(keys.advantage, None) is None:
             self._estimate_advantage(tensordict)
         self._check_entries(tensordict, [keys.advantage])
-        if tensordict.numel() == 0:
+        if tensordict.batch_size.numel() == 0:  # TensorDict.numel() is at least 1
             raise ValueError("solve_multiplier got an empty batch")
         self._behaviour_dist(tensordict)  # records pi_old's parameters in the batch if absent
         batch, flat = tensordict.shape, tensordict.reshape(-1)

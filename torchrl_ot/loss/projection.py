@@ -22,6 +22,11 @@ __all__ = ["TrustRegionProjection"]
 class TrustRegionProjection:
     """Measure and enforce Problem (P)'s constraint for the current network (mixed into the OT losses)."""
 
+    def _check_behaviour(self, tensordict: TensorDictBase, name: str) -> None:
+        if not all(tensordict.get(k, None) is not None for k in self._dist_keys):
+            raise ValueError(f"{name} needs pi_old's parameters {self._dist_keys} in the batch: call "
+                             "solve_multiplier on it before the update")
+
     @torch.no_grad()
     def realised_transport(self, tensordict: TensorDictBase) -> Tensor:
         """The trust-region constraint of Problem (P) for the CURRENT network: ``(1/B) sum_b C(pi_old(.|s_b),
@@ -33,9 +38,7 @@ class TrustRegionProjection:
         :meth:`solve_multiplier` recorded pi_old in. Exact for a categorical policy, an upper bound for a Gaussian
         one (a value <= epsilon then still proves the update inside). Returns a float64 scalar.
         """
-        if not all(tensordict.get(k, None) is not None for k in self._dist_keys):
-            raise ValueError(f"realised_transport needs pi_old's parameters {self._dist_keys} in the batch: call "
-                             "solve_multiplier on it before the update")
+        self._check_behaviour(tensordict, "realised_transport")
         flat = tensordict.reshape(-1)
         old = self.actor_network.build_dist_from_params(flat.select(*self._dist_keys))
         return self._transport(old, self._current_dist(flat)).mean()
@@ -97,6 +100,7 @@ class TrustRegionProjection:
         (its stored log-probabilities, else the parameters ``solve_multiplier`` recorded). It estimates the
         expected advantage of pi_theta from the batch's own samples, so it compares networks whatever the
         setting; the step-5 objectives of the settings are Lagrangians at a fixed lam* and do not."""
+        self._check_behaviour(tensordict, "surrogate")
         flat = tensordict.reshape(-1)
         n = flat.numel()
         old = self.actor_network.build_dist_from_params(flat.select(*self._dist_keys))

@@ -47,6 +47,10 @@ class Minibatches:
     """
 
     def __init__(self, batch: TensorDictBase, size: int) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size (frames per minibatch) must be an int >= 1, got {size!r}")
+        if batch.batch_size.numel() == 0:  # TensorDict.numel() is at least 1
+            raise ValueError("batch is empty: no minibatches to draw")
         self.data = batch.reshape(-1).exclude(*UNUSED_AFTER_ADVANTAGES)
         self.size = size
         self._order: torch.Tensor | None = None
