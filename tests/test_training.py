@@ -240,3 +240,13 @@ def test_minibatches_refuse_a_bad_size(size):
         Minibatches(TensorDict({"observation": torch.zeros(8, 1)}, [8]), size)
     with pytest.raises(ValueError, match="empty"):
         Minibatches(TensorDict({"observation": torch.zeros(0, 1)}, [0]), 4)
+
+
+def test_running_obs_norm_refuses_bad_arguments():
+    from torchrl_ot.training import RunningObsNorm, new_obs_stats
+
+    for kwargs, match in (({"decay": 0.0, "eps": 0.01}, "decay"), ({"decay": 1.5, "eps": 0.01}, "decay"),
+                          ({"decay": 0.99, "eps": 0.0}, "eps"), ({"decay": 0.99, "eps": 0.01, "key": "pixels"},
+                                                                  "missing")):
+        with pytest.raises(ValueError, match=match):
+            RunningObsNorm(new_obs_stats(3), **kwargs)

@@ -64,8 +64,7 @@ class TrustRegionProjection:
         Returns ``realised_transport`` (of the kept parameters), ``step_fraction`` (the kept fraction of the step:
         1, a power of ``backtrack_coeff``, or 0) and ``backtracks``.
         """
-        if not 0 < backtrack_coeff < 1:
-            raise ValueError(f"backtrack_coeff must lie in (0, 1), got {backtrack_coeff!r}")
+        check_real("backtrack_coeff", backtrack_coeff, low=0, low_open=True, high=1, high_open=True)
         check_positive_int("max_backtracks", max_backtracks, minimum=0)
         check_real("max_extension", max_extension, low=1.0)
         params = self._actor_params()

@@ -45,9 +45,14 @@ class RunningObsNorm(Transform):
             raise ValueError(f"decay must lie in (0, 1], got {decay!r}")
         if not eps > 0:
             raise ValueError(f"eps must be positive, got {eps!r}")
+        entry = (lambda name: (name, *key)) if isinstance(key, tuple) else (lambda name: (name, key))
+        missing = [name for name in ("loc", "var", "count") if stats.get(entry(name), None) is None]
+        if missing:
+            raise ValueError(f"stats must hold loc, var and count under {key!r} (new_obs_stats' layout); "
+                             f"missing {missing}")
         super().__init__(in_keys=[key], out_keys=[key])
         self.key, self.decay, self.eps, self.frozen = key, float(decay), float(eps), frozen
-        self.loc, self.var, self.count = stats["loc", key], stats["var", key], stats["count", key]
+        self.loc, self.var, self.count = (stats[entry(name)] for name in ("loc", "var", "count"))
 
     def freeze(self) -> RunningObsNorm:
         """Normalise without updating the statistics (evaluation)."""
