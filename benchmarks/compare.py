@@ -165,7 +165,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--envs", nargs="+", default=ENVS)
     parser.add_argument("--algos", nargs="+", default=ALGOS, choices=ALGOS + NETWORK_ON_TABULAR)
-    parser.add_argument("--seeds", type=positive_int, default=5, help="seeds 0..N-1 (default 5)")
+    parser.add_argument("--seeds", type=positive_int, default=5, help="N seeds from --first-seed (default 5)")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0): seeds K..K+N-1")
     parser.add_argument("--ten-seeds", action="store_true", help="10 seeds, as the paper's Figure 1")
     parser.add_argument("--jobs", type=positive_int, default=max(1, (os.cpu_count() or 1)), help="runs side by side")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
@@ -176,7 +177,7 @@ def main() -> None:
                         help="launch nothing: tabulate and plot the finished runs (cells say how many seeds)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (e.g. total_frames=50000)")
     args = parser.parse_args()
-    seeds = range(10 if args.ten_seeds else args.seeds)
+    seeds = range(args.first_seed, args.first_seed + (10 if args.ten_seeds else args.seeds))
     jobs = [(env, algo, seed) for env in args.envs for algo in args.algos for seed in seeds
             if runs_on(env, algo)]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -231,7 +232,7 @@ def main() -> None:
         plt.close(fig)
         lines.append(f"| {env} | {frames:,} | " + " | ".join(cells) + f" | {verdict(env, finals, len(seeds))} |")
     header = (f"Command: `{' '.join(['.venv/bin/python benchmarks/compare.py', *sys.argv[1:]])}`; seeds "
-              f"0-{len(seeds) - 1}; final deterministic policy; {platform.machine()}, {os.cpu_count()} cores; "
+              f"{seeds[0]}-{seeds[-1]}; final deterministic policy; {platform.machine()}, {os.cpu_count()} cores; "
               f"{time.perf_counter() - start:.0f} s. Cells: final return mean +/- std over seeds (frames/s); "
               f"bold: the best mean. Target: OT-TRPO's mean at least the best baseline's, its std no larger "
               f"(on Swimmer also >= 1.5x PPO).")

@@ -61,14 +61,17 @@ from torchrl_ot.training import (
     make_env,
     make_logger,
     make_networks,
+    make_optimizer,
     make_summary,
     minibatches,
     new_obs_stats,
+    new_return_stats,
     plot_curve,
     prepare_process,
     resolve_policy,
     rng_state,
     save_checkpoint,
+    scheduled_lr,
     set_rng_state,
     truncate_csv_logs,
 )
@@ -101,13 +104,13 @@ def main(cfg: DictConfig) -> dict:
     probe.close()
     algorithm = make_algorithm(cfg, policy, discrete, actor, critic, head)  # ALGO LOGIC
     loss_module = algorithm.loss_module
-    # fused: one kernel over all parameter tensors, instead of a per-tensor Python loop on every minibatch
-    # step (which the OT head's extra tensors make longer).
     params = list(loss_module.parameters())  # once: a module walk per step costs more than the clipping
-    optim = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps, fused=cfg.adam_fused)
+    optim = make_optimizer(params, cfg)
     obs_stats = new_obs_stats(obs_dim) if cfg.obs_norm.enabled else None
-    if obs_stats is not None and cfg.num_collectors > 1:
-        obs_stats.share_memory_()  # the worker processes update these very tensors
+    return_stats = new_return_stats() if cfg.reward_scaling.enabled else None
+    for stats in (obs_stats, return_stats):
+        if stats is not None and cfg.num_collectors > 1:
+            stats.share_memory_()  # the worker processes update these very tensors
 
     # --- resume -----------------------------------------------------------------------------------
     frames, train_time, wall_before, history, updates = 0, 0.0, 0.0, [], []
@@ -120,6 +123,8 @@ def main(cfg: DictConfig) -> dict:
         optim.load_state_dict(ckpt["optimizer"])
         if obs_stats is not None:
             obs_stats.update_(ckpt["obs_stats"])
+        if return_stats is not None:
+            return_stats.update_(ckpt["return_stats"])
         frames, train_time, history, updates = ckpt["frames"], ckpt["train_time"], ckpt["history"], ckpt["updates"]
         wall_before = ckpt["wall_time_s"]  # wall time of the killed run up to its checkpoint
         set_rng_state(ckpt["rng"])
@@ -146,7 +151,6 @@ def main(cfg: DictConfig) -> dict:
     # --- training: segments between checkpoints, each with a fresh env + collector ------------
     total_batches = math.ceil(cfg.total_frames / fpb)
     total_frames = total_batches * fpb
-    total_steps = total_batches * num_epochs * num_minibatches
     pbar = tqdm(total=total_frames, initial=frames, disable=not cfg.progress, desc=f"{cfg.algo.name} {cfg.env.name}")
     while frames < total_frames:
         seg_start = time.perf_counter()
@@ -154,7 +158,7 @@ def main(cfg: DictConfig) -> dict:
         seg_batches = math.ceil((seg_end - frames) / fpb)
         segment_seed = cfg.seed + frames  # deterministic in (seed, frames done): see the module docstring
         env_fns = [functools.partial(make_env, cfg.env.name, segment_seed + 1000 * i, obs_stats, cfg,
-                                     num_envs=cfg.num_envs)
+                                     num_envs=cfg.num_envs, return_stats=return_stats)
                    for i in range(cfg.num_collectors)]
         if cfg.num_collectors > 1:  # EnvCreator hands the workers the shared-memory statistics (state_dict)
             env_fns = [EnvCreator(fn) for fn in env_fns]
@@ -170,7 +174,7 @@ def main(cfg: DictConfig) -> dict:
             episode_returns = batch["next", "episode_reward"].squeeze(-1)[done]
             if cfg.anneal_lr:
                 for group in optim.param_groups:
-                    group["lr"] = cfg.lr * (1 - len(updates) * num_epochs * num_minibatches / total_steps)
+                    group["lr"] = scheduled_lr(cfg, len(updates), total_batches)
 
             with torch.no_grad():  # advantages once per batch (CleanRL style), for every algorithm
                 loss_module.value_estimator(batch)
@@ -227,7 +231,8 @@ def main(cfg: DictConfig) -> dict:
         save_checkpoint(ckpt_path, {
             "actor": actor.state_dict(), "critic": critic.state_dict(),
             "advantage": None if head is None else head.state_dict(), "optimizer": optim.state_dict(),
-            "obs_stats": None if obs_stats is None else obs_stats.clone(), "frames": frames,
+            "obs_stats": None if obs_stats is None else obs_stats.clone(),
+            "return_stats": None if return_stats is None else return_stats.clone(), "frames": frames,
             "next_segment_seed": cfg.seed + frames, "train_time": train_time,
             "wall_time_s": wall_before + time.perf_counter() - start, "history": history,
             "updates": updates, "rng": rng_state(), "config": OmegaConf.to_container(cfg, resolve=True)})

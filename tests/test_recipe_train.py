@@ -150,8 +150,11 @@ def _assert_same_run(a: Path, b: Path):
     assert _csv(b / "logs" / "scalars" / "eval_return.csv") == _csv(a / "logs" / "scalars" / "eval_return.csv")
 
 
-def test_resume_after_stop_matches_uninterrupted_run(tmp_path):
-    common = ["env=Pendulum-v1", *_tiny(), "seed=3"]
+@pytest.mark.parametrize("options", [[], ["algo=a2c", "reward_scaling.enabled=true", "action_bound=clip",
+                                           "optimizer=rmsprop", "lr_anneal_frames=3000"]])
+def test_resume_after_stop_matches_uninterrupted_run(tmp_path, options):
+    # The second case: the baselines' pipeline options, whose return statistics are checkpointed too.
+    common = ["env=Pendulum-v1", *_tiny(), "seed=3", *options]
     a, b = tmp_path / "a", tmp_path / "b"
     proc = _run(*common, f"hydra.run.dir={a}")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,6 +11,8 @@ matplotlib); import it explicitly::
 - ``algorithms``: one :class:`Algorithm` per ``algo``, its loss and what it does before and after
   the minibatch epochs (:func:`make_algorithm`);
 - ``obs_norm``: the running observation normalisation (VecNormV2's maths on plain tensors);
+- ``reward_scaling``: rewards scaled by the discounted return's running std (SB3's VecNormalize);
+- ``optim``: the optimiser (Adam or RMSprop) and the learning-rate schedule;
 - ``config``: the config checks and the process-wide settings of a run;
 - ``checkpoint``: RNG states, atomic checkpoints, CSV logs cut back on resume;
 - ``summary``: the logger, ``summary.json`` and ``curve.png``.
@@ -44,6 +46,8 @@ from torchrl_ot.training.config import check_config, epochs_and_minibatches, pre
 from torchrl_ot.training.env import EVAL_SEED_OFFSET, check_env_name, evaluate, make_env, new_obs_stats
 from torchrl_ot.training.networks import ObsActionMLP, ValueAndAdvantage, make_networks, mlp, resolve_policy
 from torchrl_ot.training.obs_norm import RunningObsNorm
+from torchrl_ot.training.optim import OPTIMIZERS, make_optimizer, scheduled_lr
+from torchrl_ot.training.reward_scaling import ReturnScaling, new_return_stats
 from torchrl_ot.training.summary import PHASES, make_logger, make_summary, plot_curve
 
 __all__ = [
@@ -51,7 +55,9 @@ __all__ = [
     "ALGORITHMS",
     "EVAL_SEED_OFFSET",
     "PHASES",
+    "OPTIMIZERS",
     "PPO",
+    "ReturnScaling",
     "RunningObsNorm",
     "TRPO",
     "UNUSED_AFTER_ADVANTAGES",
@@ -71,10 +77,12 @@ __all__ = [
     "make_logger",
     "make_loss",
     "make_networks",
+    "make_optimizer",
     "make_summary",
     "minibatches",
     "mlp",
     "new_obs_stats",
+    "new_return_stats",
     "normalize_advantage",
     "plot_curve",
     "prepare_process",
@@ -82,6 +90,7 @@ __all__ = [
     "resolve_policy",
     "rng_state",
     "save_checkpoint",
+    "scheduled_lr",
     "set_rng_state",
     "truncate_csv_logs",
 ]

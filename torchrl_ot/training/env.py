@@ -30,6 +30,7 @@ from torchrl.envs import (
 from torchrl_ot.envs import OneHotObservation  # importing torchrl_ot.envs also registers NChain-v0
 from torchrl_ot.tabular import episode_limit
 from torchrl_ot.training.obs_norm import RunningObsNorm
+from torchrl_ot.training.reward_scaling import ReturnScaling
 
 EVAL_SEED_OFFSET = 10_000
 
@@ -50,9 +51,15 @@ def check_env_name(name: str) -> None:
 
 
 def make_env(name: str, seed: int, obs_stats: TensorDict | None, cfg: DictConfig, *, num_envs: int,
-             frozen: bool = False) -> TransformedEnv:
+             frozen: bool = False, return_stats: TensorDict | None = None) -> TransformedEnv:
     """``num_envs`` synchronous gymnasium copies as one TorchRL env ``[num_envs]``, float32 observations,
     running normalisation, episode return/length; seeded (copy i gets ``seed + i``).
+
+    ``return_stats`` (:func:`~torchrl_ot.training.new_return_stats`, shared and updated in place like
+    ``obs_stats``): rewards scaled by :class:`~torchrl_ot.training.ReturnScaling` with ``cfg.env.gamma`` and
+    ``cfg.reward_scaling.{eps,clip}``, after the episode return is summed (``episode_reward`` stays the
+    env's own). ``None``: the env's rewards (evaluation always). With ``cfg.action_bound == "clip"`` the
+    actions are clipped into the env's box on their way in (the batch keeps the policy's own draw).
 
     ``obs_stats`` (loc/var/count) is the single store of the normalisation statistics: the RunningObsNorm
     transform updates it in place (``shared_data``), so the run loop checkpoints it and the next fresh
@@ -93,6 +100,15 @@ def make_env(name: str, seed: int, obs_stats: TensorDict | None, cfg: DictConfig
         transforms += [norm,
                        ClipTransform(in_keys=["observation"], low=-cfg.obs_norm.clip, high=cfg.obs_norm.clip)]
     transforms += [RewardSum(), StepCounter()]
+    if return_stats is not None:
+        transforms.append(ReturnScaling(return_stats, gamma=cfg.env.gamma, eps=cfg.reward_scaling.eps,
+                                        clip=cfg.reward_scaling.clip))
+    if cfg.get("action_bound", "tanh") == "clip" and isinstance(act_space, gym.spaces.Box):
+        low, high = np.unique(act_space.low), np.unique(act_space.high)
+        if low.size != 1 or high.size != 1:  # TorchRL's ClipTransform takes scalar bounds only
+            raise ValueError(f"action_bound='clip' needs the same bounds on every action dimension; env.name={name!r} "
+                             f"has low={act_space.low}, high={act_space.high} (use action_bound=tanh)")
+        transforms.append(ClipTransform(in_keys_inv=["action"], low=float(low[0]), high=float(high[0])))
     env = TransformedEnv(base, Compose(*transforms))
     env.set_seed(seed)
     return env

@@ -13,7 +13,7 @@ from torch import nn
 from torchrl.data.tensor_specs import Categorical as CategoricalSpec
 from torchrl.data.tensor_specs import OneHot as OneHotSpec
 from torchrl.envs import EnvBase, ExplorationType
-from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
+from torchrl.modules import MLP, IndependentNormal, ProbabilisticActor, TanhNormal, ValueOperator
 
 
 def mlp(in_features: int, out_features: int, cells: Sequence[int], gain: float) -> MLP:
@@ -99,7 +99,8 @@ def make_networks(env: EnvBase, cfg: DictConfig,
     the categorical head is computed by the critic module (which writes both) and the returned head is None.
 
     ``policy`` is :func:`resolve_policy`'s; ``cfg`` gives ``num_cells``, ``algo.init_scale`` (the
-    Gaussian's initial std) and ``algo.advantage_head``. Built in a fixed order (actor, value, head),
+    Gaussian's initial std), ``action_bound`` (``tanh``: a TanhNormal onto the action box; ``clip``: a
+    Gaussian whose draws the env clips) and ``algo.advantage_head``. Built in a fixed order (actor, value, head),
     so a seed gives the same initial weights whatever the head's layout.
     """
     obs_dim = env.observation_spec["observation"].shape[-1]
@@ -117,10 +118,12 @@ def make_networks(env: EnvBase, cfg: DictConfig,
         loc = nn.Sequential(mlp(obs_dim, act_dim, cfg.num_cells, 0.01),
                             AddStateIndependentNormalScale(act_dim, scale_lb=1e-4,
                                                            init_value=math.log(cfg.algo.init_scale)))
+        if cfg.get("action_bound", "tanh") == "tanh":  # squashed into the box
+            dist_class, dist_kwargs = TanhNormal, {"low": space.space.low, "high": space.space.high, "tanh_loc": False}
+        else:  # "clip": a Gaussian on R^d, its draws clipped into the box by the env (make_env)
+            dist_class, dist_kwargs = IndependentNormal, {}
         actor = ProbabilisticActor(TensorDictModule(loc, ["observation"], ["loc", "scale"]), in_keys=["loc", "scale"],
-                                   spec=action_spec, distribution_class=TanhNormal,
-                                   distribution_kwargs={"low": space.space.low, "high": space.space.high,
-                                                        "tanh_loc": False},
+                                   spec=action_spec, distribution_class=dist_class, distribution_kwargs=dist_kwargs,
                                    return_log_prob=True, default_interaction_type=ExplorationType.RANDOM)
     value = mlp(obs_dim, 1, cfg.num_cells, 1.0)
     critic = ValueOperator(value, in_keys=["observation"])
