@@ -230,7 +230,8 @@ def main() -> None:
         fig.tight_layout()
         fig.savefig(args.out / f"{env}.png", dpi=100)
         plt.close(fig)
-        lines.append(f"| {env} | {'-' if frames is None else f'{frames:,}'} | " + " | ".join(cells) + f" | {verdict(env, finals, len(seeds))} |")
+        frames_cell = "-" if frames is None else f"{frames:,}"
+        lines.append(f"| {env} | {frames_cell} | " + " | ".join(cells) + f" | {verdict(env, finals, len(seeds))} |")
     header = (f"Command: `{' '.join(['.venv/bin/python benchmarks/compare.py', *sys.argv[1:]])}`; seeds "
               f"{seeds[0]}-{seeds[-1]}; final deterministic policy; {platform.machine()}, {os.cpu_count()} cores; "
               f"{time.perf_counter() - start:.0f} s. Cells: final return mean +/- std over seeds (frames/s); "
