@@ -176,7 +176,7 @@ def main(cfg: DictConfig) -> dict:
                 for group in optim.param_groups:
                     group["lr"] = scheduled_lr(cfg, len(updates), total_batches)
 
-            with torch.no_grad():  # advantages once per batch (CleanRL style), for every algorithm
+            with torch.no_grad():  # advantages once per batch (CleanRL style; see recompute_advantage), every algo
                 loss_module.value_estimator(batch)
             phase_start = {"advantage": update_start, "solve": time.perf_counter()}
             row = {"frames": frames, "train_return": episode_returns.mean().item() if done.any() else float("nan"),
@@ -186,7 +186,11 @@ def main(cfg: DictConfig) -> dict:
             phase_start["epochs"] = time.perf_counter()
             rb = minibatches(batch, mb_size)
             sums: dict[str, torch.Tensor] = {}
-            for _ in range(num_epochs):
+            for epoch in range(num_epochs):
+                if epoch and cfg.recompute_advantage:  # with the critic trained so far (TorchRL's ppo_mujoco.py)
+                    with torch.no_grad():
+                        loss_module.value_estimator(batch)
+                    rb.refresh(batch)
                 for _ in range(num_minibatches):
                     out = loss_module(rb.sample())
                     loss = algorithm.minibatch_loss(out)  # ALGO LOGIC: TRPO trains only the critic here

@@ -130,10 +130,13 @@ def test_rmsprop_and_the_learning_rate_horizon():
 
 @pytest.mark.parametrize(("override", "match"), [("optimizer=sgd", "optimizer"),
                                                  ("action_bound=squash", "action_bound"),
-                                                 ("lr_anneal_frames=0", "lr_anneal_frames")])
+                                                 ("lr_anneal_frames=0", "lr_anneal_frames"),
+                                                 ("recompute_advantage=1", "recompute_advantage"),
+                                                 ("recompute_advantage=true", "recompute_advantage"),
+                                                 ("algo=trpo recompute_advantage=true", "algo='trpo'")])
 def test_bad_pipeline_options_are_refused(override, match):
     with pytest.raises(ValueError, match=match):
-        check_config(_cfg(override))
+        check_config(_cfg(*override.split()))
 
 
 def test_published_settings_apply_per_algorithm_and_env_and_yield_to_the_command_line():
@@ -142,7 +145,12 @@ def test_published_settings_apply_per_algorithm_and_env_and_yield_to_the_command
     assert a2c.reward_scaling.enabled and a2c.action_bound == "clip" and a2c.algo.entropy_coeff == 0.01
     ppo = _cfg("env=Hopper-v5", "algo=ppo", "num_envs=8")
     assert ppo.num_envs == 8 and ppo.lr_anneal_frames == 3_072_000 and ppo.algo.critic_coeff == 0.25
+    assert ppo.recompute_advantage and not ppo.algo.normalize_advantage
     trpo = _cfg("env=Swimmer-v5", "algo=trpo")
     assert (trpo.num_envs, trpo.num_epochs, trpo.num_minibatches, trpo.lr, trpo.anneal_lr) == (2, 20, 16, 1e-3, False)
+    trpo = _cfg("env=HalfCheetah-v5", "algo=trpo")
+    assert (trpo.num_envs, trpo.frames_per_batch, trpo.num_epochs, trpo.num_minibatches) == (16, 1024, 20, 1)
+    assert trpo.algo.max_kl == 0.01 and trpo.reward_scaling.enabled and trpo.action_bound == "clip"
+    assert _cfg("env=Hopper-v5", "algo=trpo").num_envs == 8  # the shared grid
     for untuned in (_cfg("env=CartPole-v1", "algo=ppo"), _cfg("env=HalfCheetah-v5", "algo=ot_trpo")):
         assert untuned.num_envs == 8 and not untuned.reward_scaling.enabled and untuned.action_bound == "tanh"

@@ -141,6 +141,18 @@ def test_step_extension_lengthens_steps_and_keeps_them_inside(tmp_path):
     assert any(f > 1 for f in fractions)  # some fitted step was lengthened
 
 
+def test_recompute_advantage_recomputes_from_the_second_epoch_on(tmp_path):
+    def losses(*options):
+        run_dir = tmp_path / "_".join(options).replace("=", "-")
+        proc = _run("env=Pendulum-v1", "algo=ppo", *_tiny(), "seed=2", *options, f"hydra.run.dir={run_dir}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return _numbers(run_dir)["loss_critic"]
+
+    # One epoch: nothing to recompute, the same run bit for bit; two: the critic's targets move between epochs.
+    assert losses("num_epochs=1", "recompute_advantage=true") == losses("num_epochs=1")
+    assert losses("recompute_advantage=true") != losses()
+
+
 def _assert_same_run(a: Path, b: Path):
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
     assert sb["frames"] == sa["frames"]

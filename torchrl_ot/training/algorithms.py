@@ -55,6 +55,10 @@ class Minibatches:
         self.size = size
         self._order: torch.Tensor | None = None
 
+    def refresh(self, batch: TensorDictBase) -> None:
+        """Draw from ``batch``'s current entries from now on (advantages recomputed), in the same order."""
+        self.data = batch.reshape(-1).exclude(*UNUSED_AFTER_ADVANTAGES)
+
     def sample(self) -> TensorDictBase:
         if self._order is None:
             self._order = torch.randperm(self.data.numel())

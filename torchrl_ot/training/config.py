@@ -18,6 +18,9 @@ from torchrl_ot.training.optim import OPTIMIZERS
 POSITIVE_INTS = ("total_frames", "frames_per_batch", "num_envs", "num_epochs", "num_minibatches", "eval_every",
                  "eval_episodes", "checkpoint_every", "num_collectors", "num_threads")
 
+#: The algorithms whose epochs may recompute the advantages (``recompute_advantage``).
+RECOMPUTE_ALGOS = ("ppo", "a2c")
+
 
 def epochs_and_minibatches(cfg: DictConfig) -> tuple[int, int]:
     """``(num_epochs, num_minibatches)`` per batch: the run's, unless the algo config fixes them
@@ -43,6 +46,13 @@ def check_config(cfg: DictConfig) -> None:
     anneal = cfg.get("lr_anneal_frames")
     if anneal is not None and (isinstance(anneal, bool) or not isinstance(anneal, int) or anneal < 1):
         raise ValueError(f"lr_anneal_frames must be null or a positive integer, got {anneal!r}")
+    recompute = cfg.get("recompute_advantage", False)
+    if not isinstance(recompute, bool):
+        raise ValueError(f"recompute_advantage must be true or false, got {recompute!r}")
+    if recompute and cfg.algo.name not in RECOMPUTE_ALGOS:
+        raise ValueError(f"recompute_advantage=true applies to algo in {RECOMPUTE_ALGOS} (their minibatch steps read "
+                         f"the advantages), not to algo={cfg.algo.name!r}: its step before the epochs uses the "
+                         "batch's advantages as computed once")
     check_env_name(cfg.env.name)
 
 
