@@ -44,6 +44,7 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from tensordict import TensorDictBase
 from torch import nn
 from torchrl.collectors import Collector
 from torchrl.data.tensor_specs import Categorical as CategoricalSpec
@@ -53,6 +54,7 @@ from tqdm import tqdm
 
 from torchrl_ot.tabular import episode_limit
 from torchrl_ot.training import (
+    ValueTargetScaling,
     check_config,
     epochs_and_minibatches,
     evaluate,
@@ -108,6 +110,19 @@ def main(cfg: DictConfig) -> dict:
     optim = make_optimizer(params, cfg)
     obs_stats = new_obs_stats(obs_dim) if cfg.obs_norm.enabled else None
     return_stats = new_return_stats() if cfg.reward_scaling.enabled else None
+    # reward_scaling.mode: the env scales the rewards (SB3), or the value estimator the critic's targets (Tianshou).
+    scaled_rewards = return_stats if cfg.reward_scaling.mode == "rewards" else None
+    value_scaling = None
+    if return_stats is not None and cfg.reward_scaling.mode == "value_targets":
+        value_scaling = ValueTargetScaling(return_stats, eps=cfg.reward_scaling.eps)
+        value_scaling.attach(loss_module.value_estimator)
+
+    def estimate_advantages(batch: TensorDictBase) -> None:
+        with torch.no_grad():
+            if value_scaling is None:
+                loss_module.value_estimator(batch)
+            else:
+                value_scaling.estimate(loss_module.value_estimator, batch)
     for stats in (obs_stats, return_stats):
         if stats is not None and cfg.num_collectors > 1:
             stats.share_memory_()  # the worker processes update these very tensors
@@ -158,7 +173,7 @@ def main(cfg: DictConfig) -> dict:
         seg_batches = math.ceil((seg_end - frames) / fpb)
         segment_seed = cfg.seed + frames  # deterministic in (seed, frames done): see the module docstring
         env_fns = [functools.partial(make_env, cfg.env.name, segment_seed + 1000 * i, obs_stats, cfg,
-                                     num_envs=cfg.num_envs, return_stats=return_stats)
+                                     num_envs=cfg.num_envs, return_stats=scaled_rewards)
                    for i in range(cfg.num_collectors)]
         if cfg.num_collectors > 1:  # EnvCreator hands the workers the shared-memory statistics (state_dict)
             env_fns = [EnvCreator(fn) for fn in env_fns]
@@ -176,8 +191,7 @@ def main(cfg: DictConfig) -> dict:
                 for group in optim.param_groups:
                     group["lr"] = scheduled_lr(cfg, len(updates), total_batches)
 
-            with torch.no_grad():  # advantages once per batch (CleanRL style; see recompute_advantage), every algo
-                loss_module.value_estimator(batch)
+            estimate_advantages(batch)  # once per batch (CleanRL style; see recompute_advantage), every algo
             phase_start = {"advantage": update_start, "solve": time.perf_counter()}
             row = {"frames": frames, "train_return": episode_returns.mean().item() if done.any() else float("nan"),
                    "episodes": int(done.sum())}
@@ -188,8 +202,7 @@ def main(cfg: DictConfig) -> dict:
             sums: dict[str, torch.Tensor] = {}
             for epoch in range(num_epochs):
                 if epoch and cfg.recompute_advantage:  # with the critic trained so far (TorchRL's ppo_mujoco.py)
-                    with torch.no_grad():
-                        loss_module.value_estimator(batch)
+                    estimate_advantages(batch)
                     rb.refresh(batch)
                 for _ in range(num_minibatches):
                     out = loss_module(rb.sample())

@@ -10,10 +10,13 @@ from gymnasium.wrappers.utils import RunningMeanStd
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tensordict import TensorDict
+from tensordict.nn import TensorDictModule
 from torchrl.modules import IndependentNormal, TanhNormal
+from torchrl.objectives.value import GAE
 
 from torchrl_ot.training import (
     ReturnScaling,
+    ValueTargetScaling,
     check_config,
     make_env,
     make_networks,
@@ -88,6 +91,73 @@ def test_env_scales_rewards_after_summing_the_episode_return():
     assert float(stats["count"]) == pytest.approx(40 + 1e-4)
 
 
+def _reference_gae(rewards, values, next_values, dones, gamma, lmbda):
+    """GAE along time (dim 1) with episodes cut at ``dones``: the textbook recursion, in numpy."""
+    adv, last = np.zeros_like(rewards), np.zeros(rewards.shape[0])
+    for t in reversed(range(rewards.shape[1])):
+        not_done = 1.0 - dones[:, t]
+        delta = rewards[:, t] + gamma * next_values[:, t] * not_done - values[:, t]
+        last = delta + gamma * lmbda * not_done * last
+        adv[:, t] = last
+    return adv
+
+
+def test_value_target_scaling_gives_raw_advantages_and_normalised_targets():
+    # Tianshou's rew_norm: GAE on the raw rewards with the critic's outputs times s = sqrt(var + eps); the
+    # critic's targets are the lambda-returns / s; the lambda-returns then update the statistics.
+    gen = torch.Generator().manual_seed(0)
+    obs, next_obs = torch.randn(2, 3, 7, 2, generator=gen, dtype=torch.float64)
+    rewards = 5.0 * torch.randn(3, 7, 1, generator=gen, dtype=torch.float64)
+    dones = torch.zeros(3, 7, 1, dtype=torch.bool)
+    dones[0, 3] = dones[2, 5] = True
+    linear = torch.nn.Linear(2, 1).double()
+    critic = TensorDictModule(linear, ["observation"], ["state_value"])
+    batch = TensorDict({"observation": obs, "next": {"observation": next_obs, "reward": rewards, "done": dones,
+                                                     "terminated": dones}}, [3, 7])
+    stats = new_return_stats()
+    stats["var"].fill_(9.0)
+    scaling = ValueTargetScaling(stats, eps=1e-8)
+    estimator = GAE(gamma=0.9, lmbda=0.8, value_network=critic)
+    scaling.attach(estimator)
+    scaling.attach(estimator)  # idempotent: the critic is wrapped once
+    with torch.no_grad():
+        scaling.estimate(estimator, batch)
+        v, v_next = linear(obs).squeeze(-1).numpy(), linear(next_obs).squeeze(-1).numpy()
+    s = np.sqrt(9.0 + 1e-8)
+    adv = _reference_gae(rewards.squeeze(-1).numpy(), s * v, s * v_next, dones.squeeze(-1).double().numpy(), 0.9, 0.8)
+    # rtol 1e-6: TorchRL's GAE keeps gamma and lambda in float32.
+    np.testing.assert_allclose(batch["advantage"].squeeze(-1).numpy(), adv, rtol=1e-6)
+    np.testing.assert_allclose(batch["value_target"].squeeze(-1).numpy(), (adv + s * v) / s, rtol=1e-6)
+    np.testing.assert_allclose(batch["state_value"].squeeze(-1).numpy(), v, rtol=1e-10)  # the critic's own units
+    rms = RunningMeanStd(shape=())  # the prior: var 1, count 1e-4 (here var 9)
+    rms.var = 9.0
+    rms.update((adv + s * v).reshape(-1))
+    assert float(stats["var"]) == pytest.approx(float(rms.var), rel=1e-6)
+    assert float(stats["count"]) == pytest.approx(21 + 1e-4)
+    with pytest.raises(ValueError, match="eps"):
+        ValueTargetScaling(new_return_stats(), eps=-1.0)
+    with pytest.raises(ValueError, match="value_network"):
+        scaling.attach(torch.nn.Module())
+
+
+def test_value_target_mode_leaves_the_env_rewards_raw_and_trains(tmp_path):
+    import subprocess
+    import sys
+    root = CONF.parents[2]
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(root / "recipes" / "train.py"), "env=Pendulum-v1", "algo=a2c",
+                           "total_frames=1024", "frames_per_batch=256", "num_envs=4", "eval_every=1024",
+                           "eval_episodes=1", "checkpoint_every=1024", "progress=false", "seed=0",
+                           "reward_scaling.enabled=true", "reward_scaling.mode=value_targets",
+                           f"hydra.run.dir={out}"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    # Four batches of 256 lambda-returns went into the statistics (the env scaled nothing: it has no stats).
+    assert float(ckpt["return_stats"]["count"]) == pytest.approx(1024 + 1e-4)
+    # Pendulum's returns are in the hundreds: the critic's targets are of order one, the advantages are not.
+    assert float(ckpt["return_stats"]["var"]) > 100
+
+
 def test_clipped_actions_reach_the_env_clipped_and_stay_raw_in_the_batch():
     cfg = _cfg("env=HalfCheetah-v5", "action_bound=clip")
     outs = []
@@ -130,6 +200,7 @@ def test_rmsprop_and_the_learning_rate_horizon():
 
 @pytest.mark.parametrize(("override", "match"), [("optimizer=sgd", "optimizer"),
                                                  ("action_bound=squash", "action_bound"),
+                                                 ("reward_scaling.mode=returns", "reward_scaling.mode"),
                                                  ("lr_anneal_frames=0", "lr_anneal_frames"),
                                                  ("recompute_advantage=1", "recompute_advantage"),
                                                  ("recompute_advantage=true", "recompute_advantage"),
@@ -143,6 +214,7 @@ def test_published_settings_apply_per_algorithm_and_env_and_yield_to_the_command
     a2c = _cfg("env=HalfCheetah-v5", "algo=a2c")
     assert (a2c.frames_per_batch, a2c.num_envs, a2c.optimizer, a2c.lr) == (80, 16, "rmsprop", 7e-4)
     assert a2c.reward_scaling.enabled and a2c.action_bound == "clip" and a2c.algo.entropy_coeff == 0.01
+    assert a2c.reward_scaling.mode == "value_targets"  # Tianshou's rew_norm
     ppo = _cfg("env=Hopper-v5", "algo=ppo", "num_envs=8")
     assert ppo.num_envs == 8 and ppo.lr_anneal_frames == 3_072_000 and ppo.algo.critic_coeff == 0.25
     assert ppo.recompute_advantage and not ppo.algo.normalize_advantage

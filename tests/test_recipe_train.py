@@ -141,6 +141,20 @@ def test_step_extension_lengthens_steps_and_keeps_them_inside(tmp_path):
     assert any(f > 1 for f in fractions)  # some fitted step was lengthened
 
 
+def test_learned_scale_moves_the_std_inside_the_radius_and_epsilon_with_it(tmp_path):
+    proc = _run("env=Pendulum-v1", *_tiny(), "algo.learn_scale=true", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scalars = tmp_path / "logs" / "scalars"
+    scales = [v for _, v in _csv(scalars / "scale.csv")]
+    epsilons = [v for _, v in _csv(scalars / "epsilon.csv")]
+    realised = [v for _, v in _csv(scalars / "realised_transport_over_epsilon.csv")]
+    assert len(scales) == len(epsilons) == len(realised) == 4
+    assert scales[0] == pytest.approx(1.0) and len(set(scales)) == 4  # learned: it moves every update
+    # epsilon follows the std's square (Pendulum's 0.3 at the initial std 1.0), and every update stays inside.
+    assert epsilons == pytest.approx([0.3 * s**2 for s in scales], rel=1e-5)
+    assert all(v <= 1 + 1e-9 for v in realised)
+
+
 def test_recompute_advantage_recomputes_from_the_second_epoch_on(tmp_path):
     def losses(*options):
         run_dir = tmp_path / "_".join(options).replace("=", "-")

@@ -7,14 +7,15 @@ A refusal is a ``ValueError`` that names the argument and what is allowed. Check
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from tensordict.utils import NestedKey
 from torch import Tensor
 
-__all__ = ["Radius", "check_bool", "check_choice", "check_epsilon", "check_finite", "check_finite_entries",
-           "check_positive_int", "check_real", "is_real"]
+__all__ = ["Radius", "check_bool", "check_broadcast", "check_choice", "check_epsilon", "check_finite",
+           "check_finite_entries", "check_floating_dtype", "check_positive_int", "check_real", "check_same_device",
+           "check_tensor", "is_real", "raise_first_failed"]
 
 
 def is_real(value) -> bool:
@@ -52,8 +53,82 @@ def check_choice(name: str, value, choices: Sequence) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
+def check_tensor(name: str, x, *, floating: bool = False) -> None:
+    """Refuse anything but a torch.Tensor with values (not on the meta device); with ``floating``, a floating dtype.
+
+    >>> check_tensor("x", torch.zeros(2, device="meta"))
+    Traceback (most recent call last):
+    ...
+    ValueError: x is on the meta device (shape (2,)): it holds no values to compute with or check
+    """
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_meta:
+        # A meta tensor has a shape but no values: every value check would fail with a raw RuntimeError.
+        raise ValueError(f"{name} is on the meta device (shape {tuple(x.shape)}): it holds no values to compute "
+                         "with or check")
+    if floating and not x.is_floating_point():
+        raise ValueError(f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {x.dtype}")
+
+
+def check_floating_dtype(name: str, dtype) -> None:
+    """Refuse anything but a floating ``torch.dtype`` (a string such as ``"float64"`` is not one)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating torch.dtype (e.g. torch.float64), got {dtype!r}")
+
+
+def check_same_device(**tensors: Tensor) -> torch.device:
+    """The one device of ``tensors``; refuses a mix, naming each argument and its device.
+
+    >>> check_same_device(a=torch.zeros(1), b=torch.zeros(1))
+    device(type='cpu')
+    """
+    devices = {name: x.device for name, x in tensors.items()}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        names = " and ".join(devices)
+        raise ValueError(f"{names} must be on one device, got "
+                         + ", ".join(f"{n} on {d}" for n, d in devices.items()))
+    return first
+
+
+def check_broadcast(what: str = "", **shapes: Sequence[int]) -> torch.Size:
+    """The broadcast of ``shapes``; refuses shapes that do not broadcast, naming each argument and its shape.
+
+    >>> check_broadcast(a=(3, 1), b=(4,))
+    torch.Size([3, 4])
+    >>> check_broadcast(a=(3, 2), b=(4, 3))
+    Traceback (most recent call last):
+    ...
+    ValueError: a and b must broadcast, got a (3, 2) and b (4, 3)
+    """
+    try:
+        return torch.broadcast_shapes(*(tuple(s) for s in shapes.values()))
+    except RuntimeError as err:
+        got = " and ".join(f"{n} {tuple(s)}" for n, s in shapes.items())
+        raise ValueError(f"{' and '.join(shapes)} must broadcast{what}, got {got}") from err
+
+
+def raise_first_failed(checks: Sequence[tuple[Tensor, Callable[[], str]]]) -> None:
+    """Evaluate every 0-dim bool tensor of ``checks`` with ONE device sync; raise the message of the first False.
+
+    The messages are callables so that a value in a message (a smallest entry) is read only on failure.
+    """
+    if not checks:
+        return
+    flags = torch.stack([flag.reshape(()) for flag, _ in checks]).tolist()
+    for ok, (_, message) in zip(flags, checks, strict=True):
+        if not ok:
+            raise ValueError(message())
+
+
 def check_finite(x: Tensor, name: str, *, nonneg: bool = False) -> None:
     """Refuse NaN or inf in ``x`` (and, with ``nonneg``, a negative entry), naming ``name``."""
+    check_tensor(name, x)
+    if x.dtype == torch.bool or x.is_complex():
+        raise ValueError(f"{name} must hold real numbers, got {x.dtype}")
+    if x.numel() == 0:
+        return
     lo, hi = torch.aminmax(x)
     # aminmax propagates NaN, so one pass covers NaN, inf and the sign.
     if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
@@ -66,15 +141,26 @@ def check_epsilon(epsilon: float | Tensor, dtype: torch.dtype = torch.float64,
                   device: torch.device | str = "cpu") -> Tensor:
     """The trust-region radius as a 0-dim tensor of ``dtype``; refuses anything but a positive finite number."""
     if isinstance(epsilon, Tensor):
+        check_tensor("epsilon", epsilon)
         if epsilon.numel() != 1:
             raise ValueError(f"epsilon must be a float or a 0-dim tensor, got shape {tuple(epsilon.shape)}")
-        eps = epsilon.detach().reshape(()).to(dtype=dtype, device=device)
+        if epsilon.dtype == torch.bool or epsilon.is_complex():
+            # True would be read as 1.0: a bool is not a radius.
+            raise ValueError(f"epsilon must be a positive real number, got a {epsilon.dtype} tensor")
+        given = epsilon.detach().reshape(())
+        eps = given.to(dtype=dtype, device=device)
     elif isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool):
-        eps = torch.tensor(float(epsilon), dtype=dtype, device=device)
+        given = float(epsilon)
+        eps = torch.tensor(given, dtype=dtype, device=device)
     else:
         raise ValueError(f"epsilon must be a positive float or 0-dim tensor, got {type(epsilon).__name__}")
     if not bool(torch.isfinite(eps)) or not bool(eps > 0):
-        raise ValueError(f"epsilon must be positive and finite, got {eps.item()!r}")
+        given = float(given)
+        if math.isfinite(given) and given > 0:
+            # Positive and finite as given, but it rounds to 0 or inf in the dtype of the computation.
+            raise ValueError(f"epsilon = {given!r} is not representable as a positive finite {dtype} "
+                             f"(it becomes {eps.item()!r}); rescale the problem or use a wider dtype")
+        raise ValueError(f"epsilon must be positive and finite, got {given!r}")
     return eps
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torchrl_ot.validation import check_finite
+from torchrl_ot.validation import check_broadcast, check_finite, check_same_device, check_tensor
 
 __all__ = ["categorical_transport", "gaussian_transport_bound"]
 
@@ -40,18 +40,28 @@ def categorical_transport(old: Tensor, new: Tensor, cost: Tensor) -> Tensor:
     tensor([0.6000], dtype=torch.float64)
     """
     for name, x in (("old", old), ("new", new)):
-        if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() != 2:
+        check_tensor(name, x)
+        if not x.is_floating_point() or x.dim() != 2:
             raise ValueError(f"{name} must be a floating [B, A] tensor of probabilities")
         check_finite(x, name, nonneg=True)
     if new.shape != old.shape:
         raise ValueError(f"new must have old's shape {tuple(old.shape)}, got {tuple(new.shape)}")
+    check_same_device(old=old, new=new)
     A = old.shape[1]
     if not isinstance(cost, Tensor) or cost.shape != (A, A):
         raise ValueError(f"cost must be a [{A}, {A}] tensor, got {getattr(cost, 'shape', type(cost).__name__)}")
     check_finite(cost, "cost", nonneg=True)
     if bool((cost.diagonal() != 0).any()):
         raise ValueError("cost must have a zero diagonal (c(a, a) = 0, Assumption 2)")
-    cost = cost.to(old.dtype)
+    for name, x in (("old", old), ("new", new)):
+        # OT between rows of unequal mass is undefined: the closed forms would return a number and the
+        # exact solver would renormalise silently. The tolerance is loose: it catches logits or
+        # unnormalised counts, not the rounding of a softmax.
+        tol = max(1e-3, A * torch.finfo(x.dtype).eps)
+        if bool(((x.sum(-1, dtype=torch.float64) - 1).abs() > tol).any()):
+            raise ValueError(f"{name} rows must lie on the simplex (each row sums to 1)")
+    cost = cost.to(dtype=torch.promote_types(old.dtype, new.dtype), device=old.device)
+    check_finite(cost, f"cost in {cost.dtype}", nonneg=True)
     if _is_uniform_metric(cost):
         move = cost[0, 1] if A > 1 else cost.new_zeros(())
         return move * 0.5 * (old - new).abs().sum(-1)
@@ -108,6 +118,16 @@ def gaussian_transport_bound(old_loc: Tensor, old_scale: Tensor, new_loc: Tensor
     except RuntimeError as err:
         raise ValueError("old_loc, old_scale, new_loc and new_scale must broadcast to one [..., d] shape, got "
                          + ", ".join(str(tuple(x.shape)) for x in args.values())) from err
+    check_same_device(**args)
+    if isinstance(lipschitz, Tensor):
+        check_tensor("lipschitz", lipschitz)
+        if lipschitz.dtype == torch.bool or lipschitz.is_complex():
+            raise ValueError(f"lipschitz must be a finite number >= 0 or a tensor of them, got {lipschitz.dtype}")
+        if check_broadcast(**{"the actions": shape, "lipschitz": lipschitz.shape}) != shape:
+            raise ValueError(f"lipschitz of shape {tuple(lipschitz.shape)} must broadcast to the actions' shape "
+                             f"{tuple(shape)} without enlarging it")
+    elif isinstance(lipschitz, bool) or not isinstance(lipschitz, (int, float)):
+        raise ValueError(f"lipschitz must be a finite number >= 0 or a tensor of them, got {lipschitz!r}")
     lip = torch.as_tensor(lipschitz, dtype=new_loc.dtype, device=new_loc.device)
     check_finite(lip, "lipschitz", nonneg=True)
     dloc = (lip * (new_loc - old_loc)).expand(shape)
@@ -115,6 +135,8 @@ def gaussian_transport_bound(old_loc: Tensor, old_scale: Tensor, new_loc: Tensor
     if bool((dscale == 0).all()):
         return cost(torch.zeros_like(dloc), dloc.abs())
     if isinstance(cost, EuclideanCost) and cost.p == 2.0:
-        return (dloc.pow(2) + dscale.pow(2)).sum(-1)
+        out = (dloc.pow(2) + dscale.pow(2)).sum(-1)
+        check_finite(out, f"the transport bound (it overflows {out.dtype} for finite inputs)")
+        return out
     raise ValueError("old and new scales differ: the bound is closed-form only for the squared Euclidean cost "
                      f"(EuclideanCost(p=2)), got {cost!r}")

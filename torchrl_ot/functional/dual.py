@@ -21,7 +21,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from torchrl_ot.validation import check_epsilon, check_finite
+from torchrl_ot.validation import (
+    check_bool,
+    check_epsilon,
+    check_finite,
+    check_positive_int,
+    check_same_device,
+    check_tensor,
+    is_real,
+)
 
 __all__ = ["DualSolution", "dual_objective", "solve_dual", "transport_plan"]
 
@@ -39,6 +47,8 @@ class DualSolution:
         high_cost: ``sum_b w_b cost[b, high_b]`` (0-dim).
         split: t*, the share of each sample's mass sent to its closest maximiser (eq. 6, 10).
         epsilon: the trust-region radius the solution was computed for (0-dim).
+        num_candidates: K, the number of candidates of the problem (None for a solution built by hand);
+            :func:`transport_plan` checks its ``num_candidates`` against it.
     """
 
     multiplier: Tensor
@@ -49,6 +59,7 @@ class DualSolution:
     high_cost: Tensor
     split: Tensor
     epsilon: Tensor
+    num_candidates: int | None = None
 
     @property
     def transport(self) -> Tensor:
@@ -65,12 +76,10 @@ class DualSolution:
 # input checks
 
 
-def _check_dual_inputs(advantage: Tensor, cost: Tensor, weight: Tensor, epsilon: float | Tensor):
+def _check_dual_inputs(advantage: Tensor, cost: Tensor, weight: Tensor, epsilon: float | Tensor, *,
+                       detach: bool = True):
     for name, x in (("advantage", advantage), ("cost", cost), ("weight", weight)):
-        if not isinstance(x, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
+        check_tensor(name, x, floating=True)
     if advantage.dim() != 2:
         raise ValueError(f"advantage must have shape [B, K], got {tuple(advantage.shape)}")
     if cost.shape != advantage.shape:
@@ -84,12 +93,8 @@ def _check_dual_inputs(advantage: Tensor, cost: Tensor, weight: Tensor, epsilon:
     if advantage.shape[1] == 0:
         raise ValueError("advantage has no candidates: K must be at least 1")
     dtype = torch.promote_types(torch.promote_types(advantage.dtype, cost.dtype), weight.dtype)
-    device = advantage.device
-    if cost.device != device or weight.device != device:
-        raise ValueError(
-            f"advantage, cost and weight must share a device, got {device}, {cost.device}, {weight.device}"
-        )
-    advantage, cost, weight = (x.detach().to(dtype) for x in (advantage, cost, weight))
+    device = check_same_device(advantage=advantage, cost=cost, weight=weight)
+    advantage, cost, weight = ((x.detach() if detach else x).to(dtype) for x in (advantage, cost, weight))
     check_finite(advantage, "advantage")
     check_finite(cost, "cost", nonneg=True)
     check_finite(weight, "weight", nonneg=True)
@@ -130,7 +135,10 @@ def _envelope(advantage: Tensor, cost: Tensor) -> tuple[Tensor, list[_Step]]:
         # A cheaper line overtakes the current one at lam = (a_cur - a_k) / (c_cur - c_k).
         cross = torch.where(cheaper, (a_cur[:, None] - advantage) / torch.where(cheaper, gap, 1), inf)
         nxt_lam = cross.amin(-1)
-        moved = torch.isfinite(nxt_lam)
+        # A cheaper line always crosses at a finite lam; an infinite crossing is an overflow of the dtype
+        # (a difference of advantages, or a quotient by a tiny cost gap). Such a sample still moves, at
+        # lam = inf: stopping it would drop its later breakpoints and make lam* silently too small.
+        moved = cheaper.any(-1)
         n_moved = int(moved.sum())
         if n_moved == 0:
             break
@@ -228,10 +236,11 @@ def _weighted_select(values: Tensor, weights: Tensor, need: Tensor) -> Tensor:
 
 
 def _overflow_error(dtype: torch.dtype) -> ValueError:
-    # Finite inputs whose differences overflow the dtype (|A| near its max): refuse, never NaN.
+    # Finite inputs whose differences, quotients or weighted sums overflow the dtype: refuse, never NaN or inf.
     return ValueError(
-        f"advantage and cost are finite but the dual overflows {dtype}; rescale advantage "
-        "(e.g. normalise it) so that differences between candidates stay representable"
+        f"advantage, cost and weight are finite but the dual overflows {dtype}; rescale advantage, cost "
+        "and weight (e.g. normalise the advantage, weights summing to 1) so that differences between "
+        "candidates and weighted costs stay representable, or pass float64 inputs"
     )
 
 
@@ -274,6 +283,9 @@ def solve_dual(advantage: Tensor, cost: Tensor, weight: Tensor, epsilon: float |
             f"> epsilon = {eps.item():.6g}; include a zero-cost candidate (the sample's own action) "
             "or raise epsilon"
         )
+    if not bool(torch.isfinite(c_low0)):
+        # weight * cost overflowed: with excess = inf the selection would clip to the last breakpoint.
+        raise _overflow_error(advantage.dtype)
     if bool(excess <= 0):
         lam = torch.zeros((), dtype=advantage.dtype, device=advantage.device)
         low = low0
@@ -306,27 +318,62 @@ def solve_dual(advantage: Tensor, cost: Tensor, weight: Tensor, epsilon: float |
     else:
         # lam* = 0: every maximiser is equally good, so move to the closest (least transport).
         split = torch.ones((), dtype=acc, device=advantage.device)
-    if not bool(torch.isfinite(lam) & torch.isfinite(dual_value)):
-        raise _overflow_error(advantage.dtype)
     dt = advantage.dtype
-    return DualSolution(
-        multiplier=lam,
-        dual_value=dual_value.to(dt),
-        low_index=low,
-        high_index=high,
-        low_cost=c_low.to(dt),
-        high_cost=c_high.to(dt),
-        split=split.to(dt),
-        epsilon=eps,
-    )
+    fields = {"multiplier": lam, "dual_value": dual_value.to(dt), "low_cost": c_low.to(dt),
+              "high_cost": c_high.to(dt), "split": split.to(dt)}
+    # Every field in the result's dtype, after the cast: a float64 sum may not fit a float32 field.
+    if not bool(torch.isfinite(torch.stack([f.to(acc) for f in fields.values()])).all()):
+        raise _overflow_error(dt)
+    return DualSolution(low_index=low, high_index=high, epsilon=eps, num_candidates=advantage.shape[1], **fields)
 
 
 def dual_objective(lam: float | Tensor, advantage: Tensor, cost: Tensor, weight: Tensor,
                    epsilon: float | Tensor) -> Tensor:
-    """Evaluate ``G(lam)`` (eq. 12) directly: the reference the exact solver is checked against."""
-    lam = torch.as_tensor(lam, dtype=advantage.dtype, device=advantage.device)
+    """Evaluate ``G(lam)`` (eq. 12) directly: the reference the exact solver is checked against.
+
+    ``lam`` is a number >= 0 or a tensor of them (any shape; the result has its shape), computed in the
+    promoted dtype of ``advantage``, ``cost`` and ``weight``. The inputs are checked as by
+    :func:`solve_dual` (gradients flow through them); a result that overflows the dtype is refused.
+
+    >>> import torch
+    >>> adv, cost = torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 1.0]])
+    >>> dual_objective(0.5, adv, cost, torch.ones(1), 0.25)   # 0.5 * 0.25 + max(0, 1 - 0.5)
+    tensor(0.6250)
+    >>> dual_objective(float("nan"), adv, cost, torch.ones(1), 0.25)
+    Traceback (most recent call last):
+    ...
+    ValueError: lam must be a finite number >= 0 or a tensor of them, got nan
+    """
+    advantage, cost, weight, eps = _check_dual_inputs(advantage, cost, weight, epsilon, detach=False)
+    lam = _check_lam(lam, advantage.dtype, advantage.device)
     inner = (advantage - lam[..., None, None] * cost).amax(-1)
-    return lam * torch.as_tensor(epsilon, dtype=advantage.dtype) + (weight * inner).sum(-1)
+    out = lam * eps + (weight * inner).sum(-1)
+    if not bool(torch.isfinite(out).all()):
+        raise _overflow_error(advantage.dtype)
+    return out
+
+
+def _check_lam(lam, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``lam`` as a tensor of ``dtype`` on ``device``; refuses a bool, NaN, inf or a negative multiplier."""
+    what = "lam must be a finite number >= 0 or a tensor of them"
+    if isinstance(lam, Tensor):
+        check_tensor("lam", lam)
+        if lam.dtype == torch.bool or lam.is_complex():
+            raise ValueError(f"{what}, got a {lam.dtype} tensor")
+        out = lam.to(dtype=dtype, device=device)
+    elif isinstance(lam, (int, float)) and not isinstance(lam, bool):
+        out = torch.tensor(float(lam), dtype=dtype, device=device)
+    else:
+        raise ValueError(f"{what}, got {type(lam).__name__}")
+    if out.numel():
+        lo, hi = torch.aminmax(out.detach())
+        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            # NaN, inf, or a finite lam that overflows the dtype of the computation.
+            got = lam if not isinstance(lam, Tensor) else "a tensor with NaN or inf"
+            raise ValueError(f"{what}, got {got}" + (f" (in {dtype})" if is_real(lam) else ""))
+        if bool(lo < 0):
+            raise ValueError(f"{what}, got {lam if not isinstance(lam, Tensor) else lo.item()}")
+    return out
 
 
 def transport_plan(solution: DualSolution, num_candidates: int, *, split: bool = True) -> Tensor:
@@ -335,8 +382,30 @@ def transport_plan(solution: DualSolution, num_candidates: int, *, split: bool =
     Row b puts ``t*`` on ``low_index[b]`` and ``1 - t*`` on ``high_index[b]``. With
     ``split=False`` (the WPO rule) the whole mass goes to one maximiser: of the closest and the
     farthest, the one with the lower candidate index, as a plain ``argmax`` would pick.
+    ``num_candidates`` must be the problem's K (a plan over more or fewer candidates is not the plan).
+
+    >>> import torch
+    >>> sol = solve_dual(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 1.0]]), torch.ones(1), 0.5)
+    >>> transport_plan(sol, 2)
+    tensor([[0.5000, 0.5000]])
+    >>> transport_plan(sol, 3)
+    Traceback (most recent call last):
+    ...
+    ValueError: num_candidates must be the problem's number of candidates K = 2, got 3
     """
+    if not isinstance(solution, DualSolution):
+        raise ValueError(f"solution must be a DualSolution (from solve_dual), got {type(solution).__name__}")
+    check_positive_int("num_candidates", num_candidates)
+    check_bool("split", split)
     low, high = solution.low_index, solution.high_index
+    if solution.num_candidates is not None:
+        if num_candidates != solution.num_candidates:
+            raise ValueError(f"num_candidates must be the problem's number of candidates "
+                             f"K = {solution.num_candidates}, got {num_candidates}")
+    elif low.numel() and bool(torch.maximum(low, high).max() >= num_candidates):
+        # A solution built by hand carries no K: at least its indices must be candidates.
+        raise ValueError(f"num_candidates = {num_candidates} is too small for the solution's candidate "
+                         f"indices (largest {int(torch.maximum(low, high).max())})")
     dtype = solution.split.dtype
     plan = torch.zeros(low.shape[0], num_candidates, dtype=dtype, device=low.device)
     if split:

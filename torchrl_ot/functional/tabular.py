@@ -3,10 +3,11 @@ tabular policy, through the dual of :mod:`torchrl_ot.functional.dual`."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from torchrl_ot.functional.dual import DualSolution, solve_dual, transport_plan
-from torchrl_ot.validation import check_finite
+from torchrl_ot.validation import check_bool, check_finite, check_same_device, check_tensor
 
 __all__ = ["tabular_ot_update", "tabular_problem"]
 
@@ -15,8 +16,23 @@ def tabular_problem(policy: Tensor, advantage: Tensor, state_weight: Tensor, cos
     """Flatten the direct-parametrisation problem (Corollary 3) into ``[S*A, A]`` samples.
 
     Sample (i, j) carries mass ``rho_i pi_ij``; candidate k has advantage ``A(s_i, a_k)`` and
-    cost ``c(a_j, a_k)``. Returns ``(advantage, cost, weight)`` for :func:`solve_dual`.
+    cost ``c(a_j, a_k)``. Returns ``(advantage, cost, weight)`` for :func:`solve_dual`. The inputs are
+    checked as by :func:`tabular_ot_update` (a ``[1]`` state weight or a ``[1, 1]`` cost would otherwise
+    broadcast silently).
+
+    >>> import torch
+    >>> adv, c, w = tabular_problem(torch.tensor([[0.25, 0.75]]), torch.tensor([[-1.0, 1.0]]), torch.ones(1),
+    ...                             torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    >>> adv, c, w
+    (tensor([[-1.,  1.],
+            [-1.,  1.]]), tensor([[0., 1.],
+            [1., 0.]]), tensor([0.2500, 0.7500]))
     """
+    _check_tabular(policy, advantage, state_weight, cost)
+    return _flatten(policy, advantage, state_weight, cost)
+
+
+def _flatten(policy: Tensor, advantage: Tensor, state_weight: Tensor, cost: Tensor):
     S, A = policy.shape
     adv = advantage[:, None, :].expand(S, A, A).reshape(S * A, A)
     c = cost[None].expand(S, A, A).reshape(S * A, A)
@@ -27,8 +43,8 @@ def tabular_problem(policy: Tensor, advantage: Tensor, state_weight: Tensor, cos
 def _check_tabular(policy: Tensor, advantage: Tensor, state_weight: Tensor, cost: Tensor) -> None:
     for name, x in (("policy", policy), ("advantage", advantage), ("state_weight", state_weight),
                     ("cost", cost)):
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise ValueError(f"{name} must be a floating torch.Tensor")
+        check_tensor(name, x, floating=True)
+    check_same_device(policy=policy, advantage=advantage, state_weight=state_weight, cost=cost)
     if policy.dim() != 2 or policy.shape[0] == 0 or policy.shape[1] == 0:
         raise ValueError(f"policy must have shape [S, A] with S, A >= 1, got {tuple(policy.shape)}")
     S, A = policy.shape
@@ -39,8 +55,10 @@ def _check_tabular(policy: Tensor, advantage: Tensor, state_weight: Tensor, cost
     if cost.shape != (A, A):
         raise ValueError(f"cost must have shape [{A}, {A}], got {tuple(cost.shape)}")
     check_finite(policy, "policy", nonneg=True)
-    row = policy.sum(-1)
-    if bool(((row - 1).abs() > 1e-5).any()):
+    row = policy.sum(-1, dtype=torch.float64)
+    # Rows of float16 / bfloat16 probabilities sum to 1 only to their resolution.
+    tol = max(1e-5, A * torch.finfo(policy.dtype).eps)
+    if bool(((row - 1).abs() > tol).any()):
         raise ValueError("policy rows must lie on the simplex (each row sums to 1)")
     check_finite(advantage, "advantage")
     check_finite(state_weight, "state_weight", nonneg=True)
@@ -76,8 +94,9 @@ def tabular_ot_update(policy: Tensor, advantage: Tensor, state_weight: Tensor, c
     tensor([[0.3000, 0.7000]], dtype=torch.float64)
     """
     _check_tabular(policy, advantage, state_weight, cost)
+    check_bool("split", split)
     S, A = policy.shape
-    adv, c, w = tabular_problem(policy, advantage, state_weight, cost)
+    adv, c, w = _flatten(policy, advantage, state_weight, cost)
     solution = solve_dual(adv, c, w, epsilon)
     plan = transport_plan(solution, A, split=split).to(policy.dtype)
     new_policy = (policy.reshape(S * A, 1) * plan).reshape(S, A, A).sum(1)

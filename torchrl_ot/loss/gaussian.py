@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
+from torchrl_ot._actor_critic import log_prob_per_sample
+from torchrl_ot.costs import EuclideanCost
 from torchrl_ot.functional import DualSolution, gaussian_transport_bound
 from torchrl_ot.loss.base import OTTrustRegionLoss
-from torchrl_ot.validation import check_bool
+from torchrl_ot.validation import check_bool, check_real
 
 __all__ = ["GaussianOTLoss", "GaussianTransportMixin"]
 
@@ -59,7 +61,8 @@ class GaussianTransportMixin:
                                         self.cost, _lipschitz(new).double())
 
 
-class GaussianOTLoss(GaussianTransportMixin, OTTrustRegionLoss, policy="gaussian", options={"mirror": False}):
+class GaussianOTLoss(GaussianTransportMixin, OTTrustRegionLoss, policy="gaussian",
+                     options={"mirror": False, "learn_scale": False, "scale_clip": 0.2}):
     """OT-TRPO for a Gaussian or TanhNormal policy: Section 5, step 4 case 2 and step 5 case 3 (its Gaussian
     special case), with GAE advantages and a continuous ``cost``.
 
@@ -75,17 +78,33 @@ class GaussianOTLoss(GaussianTransportMixin, OTTrustRegionLoss, policy="gaussian
             action box) with the first-order advantage ``-A_b`` (for A locally linear in the action around the
             mean), so that negative-advantage samples push the mean away as positive ones pull it; the loss
             becomes ``max(A_b - lam* c(m_theta, a_b), 0, -A_b - lam* c(m_theta, 2 m_old - a_b))``.
+        learn_scale: (not in the paper, whose std is fixed) the Gaussian's std is trained too, by the clipped
+            importance-sampled surrogate of the spread alone: ``+ min(r_b A_b, clip(r_b, 1 -+ scale_clip) A_b)``
+            per sample, ``r_b = N(a_b; loc_old(s_b), scale_theta(s_b)) / pi_old(a_b|s_b)`` (the behaviour's mean,
+            the current std: the spread's own ratio, so the hinge keeps the mean). Its transport is counted:
+            for the squared Euclidean cost (the only one allowed with it) the realised transport per state is
+            ``sum_i L_i^2 (dloc_i^2 + dscale_i^2)``, the diagonal Gaussians' W2^2 pushed through the tanh
+            (:func:`~torchrl_ot.functional.gaussian_transport_bound`), so the projection keeps the pair inside.
+        scale_clip: the spread's ratio clip (PPO's ``clip_epsilon``), in (0, 1); used with ``learn_scale``.
         The other arguments are :class:`~torchrl_ot.OTTrustRegionLoss`'s.
     """
 
     def __init__(self, actor_network, critic_network, *, cost, epsilon: float, mirror: bool = False,
-                 **kwargs) -> None:
+                 learn_scale: bool = False, scale_clip: float = 0.2, **kwargs) -> None:
         check_bool("mirror", mirror)
+        check_bool("learn_scale", learn_scale)
+        check_real("scale_clip", scale_clip, low=0, low_open=True, high=1, high_open=True)
+        if learn_scale and not (isinstance(cost, EuclideanCost) and cost.p == 2.0):
+            raise ValueError("learn_scale=True needs cost=EuclideanCost(p=2) (squared Euclidean): only for it is the "
+                             f"transport of a change of std closed-form (W2^2); got {cost!r}")
         if kwargs.get("advantage_network") is not None:
             raise ValueError("policy='gaussian' takes no advantage_network (its candidates' advantages are the "
                              "batch's own: A_b and 0)")
         super().__init__(actor_network, critic_network, cost=cost, epsilon=epsilon, **kwargs)
-        self.mirror = mirror
+        self.mirror, self.learn_scale, self.scale_clip = mirror, learn_scale, float(scale_clip)
+        if learn_scale and len(self._dist_keys) != 2:
+            raise ValueError(f"learn_scale=True needs an actor whose distribution takes (loc, scale), got "
+                             f"{self._dist_keys}")
 
     def _needed_keys(self) -> list:
         return [self.tensor_keys.candidates] if self.mirror else []
@@ -110,4 +129,21 @@ class GaussianOTLoss(GaussianTransportMixin, OTTrustRegionLoss, policy="gaussian
         term = adv - lam * self.cost(mean, flat.get(self.tensor_keys.action))
         if self.mirror:  # ... and the mirrored candidate: max(., -A_b - lam* c(m_theta, image_b))
             term = torch.maximum(term, -adv - lam * self.cost(mean, flat.get(self.tensor_keys.candidates)))
-        return term.clamp_min(0), term > 0, None
+        objective = term.clamp_min(0)
+        if self.learn_scale:
+            objective = objective + self._spread_surrogate(flat, dist, adv)
+        return objective, term > 0, None
+
+    def _spread_surrogate(self, flat: TensorDictBase, dist, adv: Tensor) -> Tensor:
+        """PPO's clipped surrogate ``[n]`` with the ratio of the std alone (the behaviour's loc, the current scale)."""
+        loc_key, scale_key = self._dist_keys
+        old_loc = flat.get(loc_key).detach()
+        _, scale = _gaussian_params(dist)
+        spread = self.actor_network.build_dist_from_params(
+            TensorDict({loc_key: old_loc, scale_key: scale.reshape(old_loc.shape)}, batch_size=flat.batch_size))
+        n = flat.numel()
+        old = self.actor_network.build_dist_from_params(flat.select(*self._dist_keys).detach())
+        ratio = torch.exp(log_prob_per_sample(spread, flat.get(self.tensor_keys.action), n)
+                          - self._old_log_prob(flat, old))
+        adv = adv.to(ratio.dtype)
+        return torch.minimum(ratio * adv, ratio.clamp(1 - self.scale_clip, 1 + self.scale_clip) * adv)

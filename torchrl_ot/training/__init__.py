@@ -11,7 +11,8 @@ matplotlib); import it explicitly::
 - ``algorithms``: one :class:`Algorithm` per ``algo``, its loss and what it does before and after
   the minibatch epochs (:func:`make_algorithm`);
 - ``obs_norm``: the running observation normalisation (VecNormV2's maths on plain tensors);
-- ``reward_scaling``: rewards scaled by the discounted return's running std (SB3's VecNormalize);
+- ``reward_scaling``: rewards scaled by the discounted return's running std (SB3's VecNormalize), or the
+  critic's targets by the lambda-returns' (Tianshou's rew_norm);
 - ``optim``: the optimiser (Adam or RMSprop) and the learning-rate schedule;
 - ``config``: the config checks and the process-wide settings of a run;
 - ``checkpoint``: RNG states, atomic checkpoints, CSV logs cut back on resume;
@@ -47,7 +48,12 @@ from torchrl_ot.training.env import EVAL_SEED_OFFSET, check_env_name, evaluate, 
 from torchrl_ot.training.networks import ObsActionMLP, ValueAndAdvantage, make_networks, mlp, resolve_policy
 from torchrl_ot.training.obs_norm import RunningObsNorm
 from torchrl_ot.training.optim import OPTIMIZERS, make_optimizer, scheduled_lr
-from torchrl_ot.training.reward_scaling import ReturnScaling, new_return_stats
+from torchrl_ot.training.reward_scaling import (
+    ReturnScaling,
+    ValueTargetScaling,
+    new_return_stats,
+    update_running_moments,
+)
 from torchrl_ot.training.summary import PHASES, make_logger, make_summary, plot_curve
 
 __all__ = [
@@ -58,6 +64,7 @@ __all__ = [
     "OPTIMIZERS",
     "PPO",
     "ReturnScaling",
+    "ValueTargetScaling",
     "RunningObsNorm",
     "TRPO",
     "UNUSED_AFTER_ADVANTAGES",
@@ -93,4 +100,5 @@ __all__ = [
     "scheduled_lr",
     "set_rng_state",
     "truncate_csv_logs",
+    "update_running_moments",
 ]

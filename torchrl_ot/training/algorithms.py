@@ -145,6 +145,9 @@ class OTTrustRegion(Algorithm):
     The paper's Gaussian case has a FIXED std (step 4 case 2): the hinge objective trains only the
     mean. ``algo.final_scale`` optionally anneals that std linearly in frames (set, never learned),
     and epsilon with its square: the radius stays the same multiple of the noise's own transport.
+    ``algo.learn_scale`` (not in the paper) trains the std inside the trust region instead
+    (:class:`~torchrl_ot.loss.GaussianOTLoss`); epsilon then follows the learned std's square the same way,
+    and the schedule is not used.
     """
 
     @classmethod
@@ -159,7 +162,8 @@ class OTTrustRegion(Algorithm):
         super().__init__(cfg, policy, discrete, actor, critic, head)
         self.theta_old: torch.Tensor | None = None
         self.log_scale = None
-        if policy == "gaussian" and cfg.algo.final_scale is not None:
+        self.learn_scale = policy == "gaussian" and bool(cfg.algo.get("learn_scale", False))
+        if policy == "gaussian" and (cfg.algo.final_scale is not None or self.learn_scale):
             self.log_scale = next(p for n, p in actor.named_parameters() if n.endswith("state_independent_scale"))
 
     def make_loss(self, actor: ProbabilisticActor, critic: ValueOperator, head: TensorDictModule | None,
@@ -172,7 +176,8 @@ class OTTrustRegion(Algorithm):
         return OTTrustRegionLoss(
             actor, critic, cost=self.cost, epsilon=algo.epsilon, policy=self.policy, advantage_network=head,
             num_candidates=algo.num_candidates, split=algo.name == "ot_trpo",
-            mirror=algo.mirror,  # the loss refuses it for a non-Gaussian policy, naming both
+            mirror=algo.mirror,  # the loss refuses these for a non-Gaussian policy, naming both
+            learn_scale=bool(algo.get("learn_scale", False)), scale_clip=algo.get("scale_clip", 0.2),
             entropy_coeff=algo.entropy_coeff or None,
             critic_coeff=algo.critic_coeff, loss_critic_type=algo.loss_critic_type, functional=self.functional)
 
@@ -207,7 +212,7 @@ class OTTrustRegion(Algorithm):
         else:
             moved = loss.realised_transport(batch)
         row["realised_transport_over_epsilon"] = moved.item() / loss.epsilon
-        if self.log_scale is not None:  # the next batch is collected with the scheduled scale
+        if self.log_scale is not None and not self.learn_scale:  # the next batch: the scheduled scale
             with torch.no_grad():
                 self.log_scale.fill_(math.log(self.scheduled_scale(row["frames"])))
 

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from torchrl_ot.training.algorithms import algorithm_class
 from torchrl_ot.training.env import check_env_name
@@ -17,6 +17,10 @@ from torchrl_ot.training.optim import OPTIMIZERS
 
 POSITIVE_INTS = ("total_frames", "frames_per_batch", "num_envs", "num_epochs", "num_minibatches", "eval_every",
                  "eval_episodes", "checkpoint_every", "num_collectors", "num_threads")
+
+#: ``reward_scaling.mode``: what the running std of the returns divides (``rewards``: SB3's; ``value_targets``:
+#: Tianshou's).
+REWARD_SCALING_MODES = ("rewards", "value_targets")
 
 #: The algorithms whose epochs may recompute the advantages (``recompute_advantage``).
 RECOMPUTE_ALGOS = ("ppo", "a2c")
@@ -39,10 +43,11 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.frames_per_batch % num_minibatches or cfg.frames_per_batch % (cfg.num_envs * cfg.num_collectors):
         raise ValueError(f"frames_per_batch={cfg.frames_per_batch} must be divisible by num_minibatches="
                          f"{num_minibatches} and by num_envs x num_collectors={cfg.num_envs * cfg.num_collectors}")
-    choices = {"optimizer": OPTIMIZERS, "action_bound": ("tanh", "clip")}
+    choices = {"optimizer": OPTIMIZERS, "action_bound": ("tanh", "clip"),
+               "reward_scaling.mode": REWARD_SCALING_MODES}
     for key, allowed in choices.items():
-        if cfg.get(key) not in allowed:
-            raise ValueError(f"{key} must be one of {allowed}, got {cfg.get(key)!r}")
+        if OmegaConf.select(cfg, key) not in allowed:
+            raise ValueError(f"{key} must be one of {allowed}, got {OmegaConf.select(cfg, key)!r}")
     anneal = cfg.get("lr_anneal_frames")
     if anneal is not None and (isinstance(anneal, bool) or not isinstance(anneal, int) or anneal < 1):
         raise ValueError(f"lr_anneal_frames must be null or a positive integer, got {anneal!r}")
