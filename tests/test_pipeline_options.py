@@ -1,6 +1,8 @@
 """The shared pipeline's options that the reference implementations use (reward scaling, clipped Gaussian
 actions, RMSprop, the learning-rate horizon) and the baselines' published settings (recipes/conf/train/tuned)."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -141,8 +143,6 @@ def test_value_target_scaling_gives_raw_advantages_and_normalised_targets():
 
 
 def test_value_target_mode_leaves_the_env_rewards_raw_and_trains(tmp_path):
-    import subprocess
-    import sys
     root = CONF.parents[2]
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(root / "recipes" / "train.py"), "env=Pendulum-v1", "algo=a2c",
