@@ -94,13 +94,16 @@ def command(env: str, algo: str, seed: int, run_dir: Path, args: argparse.Namesp
     train_over = [o for o in args.overrides if not o.startswith("tabular.")]
     tab_over = [o.removeprefix("tabular.") for o in args.overrides if o.startswith("tabular.")]
     if algo in ("ot_trpo", "wpo") and spaces(env)[1]:
+        # A tabular run has no checkpoint: one without its summary (killed) starts over.
         return [sys.executable, str(ROOT / "recipes" / "tabular.py"), f"env.name={env}", f"algo={algo}", *common,
-                f"eval.episodes={args.eval_episodes}", f"eval.every={conf.eval_every}", *tab_over]
+                f"eval.episodes={args.eval_episodes}", f"eval.every={conf.eval_every}", "overwrite=true", *tab_over]
     env_arg = f"env={env}" if env in CONFIGURED else f"env.name={env}"
     cmd = [sys.executable, str(ROOT / "recipes" / "train.py"), env_arg, f"algo={algo.removesuffix('_net')}",
            *common, f"eval_episodes={args.eval_episodes}", *train_over]
     if (run_dir / "checkpoint.pt").exists():
         cmd.append("resume=true")
+    elif run_dir.exists():  # killed before its first checkpoint: nothing to resume, start over
+        cmd.append("overwrite=true")
     return cmd
 
 

@@ -42,7 +42,8 @@ def run_one(env: str, algo: str, seed: int, frames: int, out: Path, extra: list[
     if summary.exists():  # finished earlier: a killed benchmark resumes where it stopped
         return json.loads(summary.read_text())
     cmd = [sys.executable, str(ROOT / "recipes" / "tabular.py"), f"env.name={env}", f"algo={algo}",
-           f"seed={seed}", f"total_frames={frames}", "progress=false", f"hydra.run.dir={run_dir}", *extra]
+           f"seed={seed}", f"total_frames={frames}", "progress=false", f"hydra.run.dir={run_dir}",
+           "overwrite=true", *extra]  # a run without its summary was killed: start it over
     env_vars = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env_vars, cwd=ROOT)
     if proc.returncode != 0:

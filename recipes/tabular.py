@@ -40,6 +40,7 @@ from torchrl_ot.tabular import (
     make_env,
     visitation_weights,
 )
+from torchrl_ot.training import check_run_dir, check_tabular_config, truncate_csv_logs
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -49,17 +50,17 @@ VIOLATION_RTOL = 1e-6
 
 @hydra.main(config_path="conf/tabular", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> dict:
-    if not cfg.epsilon > 0 or not math.isfinite(cfg.epsilon):
-        raise ValueError(f"epsilon must be positive and finite, got {cfg.epsilon}")
-    if isinstance(cfg.eval.every, bool) or not (isinstance(cfg.eval.every, int) and cfg.eval.every >= 0):
-        raise ValueError(f"eval.every must be an integer >= 0 (0: final evaluation only), got {cfg.eval.every!r}")
+    check_tabular_config(cfg)  # before building anything
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if check_run_dir(run_dir, resume=False, overwrite=cfg.overwrite) and cfg.logger.backend == "csv":
+        truncate_csv_logs(run_dir / "logs", -1)  # overwrite=true: TorchRL's CSV logger would append to the old rows
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
 
     # --- environment, policy table, critic, cost --------------------------------------------
+    env_kwargs = OmegaConf.to_container(cfg.env.kwargs)  # checked against the env's constructor in make_env
     env = make_env(cfg.env.name, num_envs=cfg.env.num_envs, max_episode_steps=cfg.env.max_episode_steps,
-                   seed=cfg.seed)
+                   seed=cfg.seed, env_kwargs=env_kwargs)
     n_states, n_actions = env_sizes(env)
     policy = TabularPolicy(n_states, n_actions)
     actor = make_actor(policy, env)
@@ -70,7 +71,7 @@ def main(cfg: DictConfig) -> dict:
                         **({"project": cfg.logger.project} if cfg.logger.backend == "wandb" else {}))
     collector = Collector(env, actor, frames_per_batch=cfg.frames_per_batch, total_frames=cfg.total_frames)
     eval_env = make_env(cfg.env.name, num_envs=cfg.eval.episodes, max_episode_steps=cfg.env.max_episode_steps,
-                        seed=cfg.seed + 10_000)
+                        seed=cfg.seed + 10_000, env_kwargs=env_kwargs)
     horizon = episode_limit(cfg.env.name, cfg.env.max_episode_steps)
     curve: list[tuple[int, float]] = []
 

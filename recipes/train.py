@@ -56,6 +56,7 @@ from torchrl_ot.tabular import episode_limit
 from torchrl_ot.training import (
     ValueTargetScaling,
     check_config,
+    check_run_dir,
     epochs_and_minibatches,
     evaluate,
     load_checkpoint,
@@ -90,6 +91,8 @@ def main(cfg: DictConfig) -> dict:
     fpb, mb_size = cfg.frames_per_batch, cfg.frames_per_batch // num_minibatches
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     ckpt_path = run_dir / "checkpoint.pt"
+    # An earlier run there is continued (resume=true and its checkpoint), discarded (overwrite=true) or refused.
+    check_run_dir(run_dir, resume=cfg.resume and ckpt_path.exists(), overwrite=cfg.overwrite)
     prepare_process(cfg)  # threads, seeds
     start = time.perf_counter()
 
@@ -149,7 +152,7 @@ def main(cfg: DictConfig) -> dict:
     elif cfg.resume:
         print(f"resume=true but no checkpoint at {ckpt_path}: starting from scratch")
     if frames == 0 and cfg.logger.backend == "csv":
-        # A fresh run in a used run directory: TorchRL's CSV logger appends, so an earlier run's rows
+        # overwrite=true in a used run directory: TorchRL's CSV logger appends, so the earlier run's rows
         # would otherwise precede this run's in every curve.
         truncate_csv_logs(run_dir / "logs", -1)
     logger = make_logger(cfg, run_dir)

@@ -195,11 +195,11 @@ def test_resume_after_stop_matches_uninterrupted_run(tmp_path, options):
     _assert_same_run(a, b)
 
 
-def test_fresh_run_in_a_used_directory_starts_clean_curves(tmp_path):
-    # TorchRL's CSV logger appends: without resume=true an earlier run's rows must not stay in the curves.
+def test_overwrite_in_a_used_directory_starts_clean_curves(tmp_path):
+    # TorchRL's CSV logger appends: with overwrite=true an earlier run's rows must not stay in the curves.
     common = ["env=Pendulum-v1", *_tiny(total_frames=512), "seed=2", f"hydra.run.dir={tmp_path}"]
-    for _ in range(2):
-        proc = _run(*common)
+    for extra in ([], ["overwrite=true"]):
+        proc = _run(*common, *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert [step for step, _ in _csv(tmp_path / "logs" / "scalars" / "eval_return.csv")] == [0, 512]
     assert len(_csv(tmp_path / "logs" / "scalars" / "loss_critic.csv")) == 2  # two updates, once

@@ -1,16 +1,52 @@
-"""Environments the paper uses that gymnasium no longer ships: NChain, registered as ``NChain-v0``.
+"""Environments the paper uses that gymnasium no longer ships: NChain, registered as ``NChain-v0``; and the
+check of the options the recipes pass to ``gymnasium.make`` (``env.kwargs``).
 
-Importing :mod:`torchrl_ot` registers it, so ``gymnasium.make("NChain-v0")`` and TorchRL's
+Importing :mod:`torchrl_ot` registers NChain, so ``gymnasium.make("NChain-v0")`` and TorchRL's
 ``GymEnv("NChain-v0")`` work like any other id.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-__all__ = ["NChainEnv", "NCHAIN_ID", "OneHotObservation"]
+__all__ = ["NChainEnv", "NCHAIN_ID", "OneHotObservation", "check_env_kwargs"]
+
+
+def check_env_kwargs(name: str, kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``kwargs`` for ``gymnasium.make(name, **kwargs)`` as a plain dict, refusing (``ValueError``) a non-mapping,
+    a non-string key, and a key that the env's constructor does not take (unless it takes ``**kwargs``).
+
+    >>> check_env_kwargs("FrozenLake-v1", {"map_name": "8x8", "is_slippery": False})
+    {'map_name': '8x8', 'is_slippery': False}
+    >>> check_env_kwargs("FrozenLake-v1", {"slippery": False})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: env.kwargs.slippery: FrozenLake-v1 takes no such argument; it takes ['desc', 'is_slippery', ...
+    """
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"env.kwargs must be a mapping of gymnasium.make's keyword arguments, got {kwargs!r}")
+    out = dict(kwargs.items())
+    for key in out:
+        if not isinstance(key, str):
+            raise ValueError(f"env.kwargs keys must be strings, got {key!r}")
+    creator = gym.spec(name).entry_point
+    if isinstance(creator, str):
+        creator = gym.envs.registration.load_env_creator(creator)
+    params = inspect.signature(creator).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        accepted = sorted(k for k, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL)
+        for key in out:
+            if key not in accepted:
+                raise ValueError(f"env.kwargs.{key}: {name} takes no such argument; it takes {accepted}")
+    return out
 
 NCHAIN_ID = "NChain-v0"
 

@@ -16,6 +16,9 @@ and actions:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import gymnasium as gym
 import numpy as np
 import ot
@@ -27,7 +30,7 @@ from torchrl.envs import Compose, EnvBase, GymWrapper, RewardSum, StepCounter, T
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import OneHotCategorical, ProbabilisticActor
 
-import torchrl_ot.envs  # noqa: F401  (registers NChain-v0)
+from torchrl_ot.envs import check_env_kwargs  # importing torchrl_ot.envs also registers NChain-v0
 
 __all__ = [
     "episode_limit",
@@ -57,16 +60,28 @@ def episode_limit(env_id: str, max_episode_steps: int | None = None) -> int:
     return int(max_episode_steps or spec.max_episode_steps or DEFAULT_EPISODE_LIMIT)
 
 
+def make_vec_env(env_id: str, env_kwargs: dict[str, Any], *, num_envs: int, wrappers: list | None = None,
+                 max_episode_steps: int | None = None) -> gym.vector.VectorEnv:
+    """``gymnasium.make_vec`` without autoreset (TorchRL resets finished copies itself; gymnasium's autoreset would
+    hide final states), ``env_kwargs`` (checked by :func:`~torchrl_ot.envs.check_env_kwargs`) passed to every copy.
+    A constructor refusing a value of ``env_kwargs`` raises a ``ValueError`` naming ``env.kwargs``."""
+    try:
+        return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync", wrappers=wrappers,
+                            max_episode_steps=max_episode_steps,
+                            vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.DISABLED}, **env_kwargs)
+    except (TypeError, ValueError, KeyError, AssertionError) as err:
+        if not env_kwargs:
+            raise
+        raise ValueError(f"env.kwargs={env_kwargs}: gymnasium.make({env_id!r}, ...) refused them: "
+                         f"{type(err).__name__}: {err}") from err
+
+
 def make_env(env_id: str, *, num_envs: int = 16, max_episode_steps: int | None = None,
-             seed: int | None = None) -> EnvBase:
+             seed: int | None = None, env_kwargs: Mapping[str, Any] | None = None) -> EnvBase:
     """``num_envs`` synchronous copies of a discrete gymnasium env as one TorchRL env ``[num_envs]``,
-    each capped at :func:`episode_limit` steps."""
+    each capped at :func:`episode_limit` steps; ``env_kwargs`` go to ``gymnasium.make`` (a map, slipperiness)."""
     limit = episode_limit(env_id, max_episode_steps)
-    vec = gym.make_vec(
-        env_id, num_envs=num_envs, vectorization_mode="sync", max_episode_steps=limit,
-        # TorchRL resets finished copies itself; gymnasium's autoreset would hide final states.
-        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.DISABLED},
-    )
+    vec = make_vec_env(env_id, check_env_kwargs(env_id, env_kwargs), num_envs=num_envs, max_episode_steps=limit)
     if not isinstance(vec.single_observation_space, gym.spaces.Discrete) or not isinstance(
         vec.single_action_space, gym.spaces.Discrete
     ):

@@ -43,7 +43,14 @@ from torchrl_ot.training.checkpoint import (
     set_rng_state,
     truncate_csv_logs,
 )
-from torchrl_ot.training.config import check_config, epochs_and_minibatches, prepare_process, record_missing_pandas
+from torchrl_ot.training.config import (
+    check_config,
+    check_run_dir,
+    check_tabular_config,
+    epochs_and_minibatches,
+    prepare_process,
+    record_missing_pandas,
+)
 from torchrl_ot.training.env import EVAL_SEED_OFFSET, check_env_name, evaluate, make_env, new_obs_stats
 from torchrl_ot.training.networks import ObsActionMLP, ValueAndAdvantage, make_networks, mlp, resolve_policy
 from torchrl_ot.training.obs_norm import RunningObsNorm
@@ -75,6 +82,8 @@ __all__ = [
     "ValueAndAdvantage",
     "algorithm_class",
     "check_config",
+    "check_run_dir",
+    "check_tabular_config",
     "check_env_name",
     "epochs_and_minibatches",
     "evaluate",

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 def rng_state() -> dict[str, Any]:
@@ -40,15 +40,25 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path, cfg: DictConfig) -> dict[str, Any]:
-    """The checkpoint at ``path``, refusing one of another env, algorithm or ``frames_per_batch`` than ``cfg``'s
-    (its ``"config"`` entry is the run's resolved config)."""
-    ckpt = torch.load(path, weights_only=False)  # our own file: numpy and python RNG states, the history
-    saved = ckpt["config"]
+    """The checkpoint at ``path``, refusing (``ValueError``) a file that cannot be read as one (truncated, corrupt)
+    and one of another env, algorithm or ``frames_per_batch`` than ``cfg``'s (its ``"config"`` entry is the run's
+    resolved config)."""
+    try:
+        ckpt = torch.load(path, weights_only=False)  # our own file: numpy and python RNG states, the history
+        saved = ckpt["config"]
+    except Exception as err:  # truncated, corrupt or not ours: say so, and leave the file as it is
+        raise ValueError(f"resume=true: {path} cannot be read as a checkpoint of this recipe ({type(err).__name__}: "
+                         f"{str(err)[:200]}); it is left untouched. Pass overwrite=true instead of resume=true to "
+                         "discard it and start over, or choose another hydra.run.dir") from err
     if (saved["env"]["name"], saved["algo"]["name"], saved["frames_per_batch"]) != (
             cfg.env.name, cfg.algo.name, cfg.frames_per_batch):
         raise ValueError(f"{path} is a {saved['env']['name']}/{saved['algo']['name']} run with "
                          f"frames_per_batch={saved['frames_per_batch']}; refusing to resume it as "
                          f"{cfg.env.name}/{cfg.algo.name} with frames_per_batch={cfg.frames_per_batch}")
+    kwargs = OmegaConf.to_container(cfg.env.kwargs) if "kwargs" in cfg.env else {}
+    if saved["env"].get("kwargs", {}) != kwargs:
+        raise ValueError(f"{path} is a run with env.kwargs={saved['env'].get('kwargs', {})}; refusing to resume it "
+                         f"with env.kwargs={kwargs}")
     return ckpt
 
 

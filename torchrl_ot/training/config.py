@@ -4,8 +4,11 @@ before anything is built."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import random
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +28,15 @@ REWARD_SCALING_MODES = ("rewards", "value_targets")
 #: The algorithms whose epochs may recompute the advantages (``recompute_advantage``).
 RECOMPUTE_ALGOS = ("ppo", "a2c")
 
+#: ``logger.backend``: what :func:`torchrl.record.loggers.get_logger` builds.
+LOGGER_BACKENDS = ("csv", "tensorboard", "wandb")
+
+#: ``state_weight`` of the tabular recipe: the weights rho of its update (discounted visits, or plain counts).
+STATE_WEIGHTS = ("discounted", "uniform")
+
+#: What a finished or checkpointed run leaves in its directory: a new run there must not overwrite it silently.
+RUN_FILES = ("summary.json", "checkpoint.pt", "policy.pt")
+
 
 def epochs_and_minibatches(cfg: DictConfig) -> tuple[int, int]:
     """``(num_epochs, num_minibatches)`` per batch: the run's, unless the algo config fixes them
@@ -36,9 +48,14 @@ def check_config(cfg: DictConfig) -> None:
     """Refuse a bad config with a ``ValueError`` naming the key: the algorithm's own keys, the counts,
     the batch's divisibility into minibatches and env copies, and the env's name."""
     algorithm_class(cfg.algo.name).check_config(cfg)
-    for key in POSITIVE_INTS:
-        if not (isinstance(cfg[key], int) and cfg[key] >= 1):
-            raise ValueError(f"{key} must be a positive integer, got {cfg[key]!r}")
+    check_positive_ints(cfg, POSITIVE_INTS)
+    gamma = cfg.env.gamma
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
+        raise ValueError(f"env.gamma must be a number in (0, 1], got {gamma!r}")
+    check_choice(cfg, "logger.backend", LOGGER_BACKENDS)
+    for key in ("resume", "overwrite"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise ValueError(f"{key} must be true or false, got {cfg.get(key)!r}")
     _, num_minibatches = epochs_and_minibatches(cfg)
     if cfg.frames_per_batch % num_minibatches or cfg.frames_per_batch % (cfg.num_envs * cfg.num_collectors):
         raise ValueError(f"frames_per_batch={cfg.frames_per_batch} must be divisible by num_minibatches="
@@ -46,8 +63,7 @@ def check_config(cfg: DictConfig) -> None:
     choices = {"optimizer": OPTIMIZERS, "action_bound": ("tanh", "clip"),
                "reward_scaling.mode": REWARD_SCALING_MODES}
     for key, allowed in choices.items():
-        if OmegaConf.select(cfg, key) not in allowed:
-            raise ValueError(f"{key} must be one of {allowed}, got {OmegaConf.select(cfg, key)!r}")
+        check_choice(cfg, key, allowed)
     anneal = cfg.get("lr_anneal_frames")
     if anneal is not None and (isinstance(anneal, bool) or not isinstance(anneal, int) or anneal < 1):
         raise ValueError(f"lr_anneal_frames must be null or a positive integer, got {anneal!r}")
@@ -59,6 +75,72 @@ def check_config(cfg: DictConfig) -> None:
                          f"the advantages), not to algo={cfg.algo.name!r}: its step before the epochs uses the "
                          "batch's advantages as computed once")
     check_env_name(cfg.env.name)
+
+
+def check_tabular_config(cfg: DictConfig) -> None:
+    """The tabular recipe's (``recipes/conf/tabular``) counts, radius, discount, state weights, logger and
+    evaluation schedule, refused with a ``ValueError`` naming the key; then the env's name."""
+    check_positive_ints(cfg, ("total_frames", "frames_per_batch", "env.num_envs", "eval.episodes"))
+    if cfg.frames_per_batch % cfg.env.num_envs:
+        raise ValueError(f"frames_per_batch={cfg.frames_per_batch} must be divisible by env.num_envs="
+                         f"{cfg.env.num_envs} (each copy collects the same number of steps)")
+    eps = cfg.epsilon
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"epsilon must be a positive finite number, got {eps!r}")
+    gamma = cfg.gamma
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma < 1:
+        raise ValueError(f"gamma must be a number in [0, 1) (the tabular critic solves the discounted values), "
+                         f"got {gamma!r}")
+    every = cfg.eval.every
+    if isinstance(every, bool) or not (isinstance(every, int) and every >= 0):
+        raise ValueError(f"eval.every must be an integer >= 0 (0: final evaluation only), got {every!r}")
+    limit = cfg.env.max_episode_steps
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"env.max_episode_steps must be null or a positive integer, got {limit!r}")
+    check_choice(cfg, "state_weight", STATE_WEIGHTS)
+    check_choice(cfg, "logger.backend", LOGGER_BACKENDS)
+    if not isinstance(cfg.get("overwrite", False), bool):
+        raise ValueError(f"overwrite must be true or false, got {cfg.get('overwrite')!r}")
+    check_env_name(cfg.env.name)
+
+
+def check_positive_ints(cfg: DictConfig, keys: Sequence[str]) -> None:
+    """Refuse any of ``keys`` (dotted) that is not an integer >= 1 (a bool is not one)."""
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+
+
+def check_choice(cfg: DictConfig, key: str, allowed: Sequence[str]) -> None:
+    """Refuse ``key`` (dotted) unless its value is one of ``allowed``."""
+    if OmegaConf.select(cfg, key) not in allowed:
+        raise ValueError(f"{key} must be one of {tuple(allowed)}, got {OmegaConf.select(cfg, key)!r}")
+
+
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> bool:
+    """Refuse to start a new run over an earlier one: ``run_dir`` holding a finished or checkpointed run
+    (:data:`RUN_FILES`) or its curves (``logs/scalars/*.csv`` with rows) raises a ``ValueError``, unless
+    ``resume`` (continue it, where the recipe can) or ``overwrite`` (discard it) is set. Returns whether an
+    earlier run is there.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     (Path(d) / "summary.json").write_text("{}")
+    ...     check_run_dir(Path(d), resume=False, overwrite=False)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: hydra.run.dir=... already holds a run (summary.json); pass resume=true to continue it, ...
+    """
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    scalars = run_dir / "logs" / "scalars"
+    if scalars.is_dir() and any(f.stat().st_size for f in scalars.glob("*.csv")):
+        found.append("logs/scalars/*.csv")
+    if found and not (resume or overwrite):
+        raise ValueError(f"hydra.run.dir={str(run_dir)!r} already holds a run ({', '.join(found)}); pass "
+                         "resume=true to continue it, overwrite=true to discard it and start over, or choose "
+                         "another hydra.run.dir")
+    return bool(found)
 
 
 def prepare_process(cfg: DictConfig) -> None:

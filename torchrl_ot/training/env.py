@@ -12,7 +12,7 @@ import difflib
 import gymnasium as gym
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModuleBase
 from torchrl.envs import (
@@ -27,8 +27,8 @@ from torchrl.envs import (
     set_exploration_type,
 )
 
-from torchrl_ot.envs import OneHotObservation  # importing torchrl_ot.envs also registers NChain-v0
-from torchrl_ot.tabular import episode_limit
+from torchrl_ot.envs import OneHotObservation, check_env_kwargs  # importing torchrl_ot.envs registers NChain-v0
+from torchrl_ot.tabular import episode_limit, make_vec_env
 from torchrl_ot.training.obs_norm import RunningObsNorm
 from torchrl_ot.training.reward_scaling import ReturnScaling
 
@@ -66,12 +66,12 @@ def make_env(name: str, seed: int, obs_stats: TensorDict | None, cfg: DictConfig
     env continues from it. ``None``: no normalisation. ``frozen``: normalise without updating the
     statistics (evaluation). ``cfg`` gives ``obs_norm.decay``, ``obs_norm.eps`` and ``obs_norm.clip``.
     """
+    env_kwargs = check_env_kwargs(name, OmegaConf.to_container(kw) if isinstance(kw := cfg.env.get("kwargs"),
+                                                                                  DictConfig) else kw)
+
     def make_vec(tabular: bool) -> gym.vector.VectorEnv:
-        return gym.make_vec(name, num_envs=num_envs, vectorization_mode="sync",
-                            wrappers=[OneHotObservation] if tabular else None,
-                            max_episode_steps=episode_limit(name) if tabular else None,
-                            # TorchRL resets finished copies itself; gymnasium's autoreset would hide final states.
-                            vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.DISABLED})
+        return make_vec_env(name, env_kwargs, num_envs=num_envs, wrappers=[OneHotObservation] if tabular else None,
+                            max_episode_steps=episode_limit(name) if tabular else None)
 
     try:
         vec = make_vec(tabular=False)
