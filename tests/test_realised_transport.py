@@ -281,3 +281,79 @@ def test_extension_off_by_default_and_checked():
     loss.solve_multiplier(td)
     with pytest.raises(ValueError, match="max_extension"):
         loss.project_into_trust_region(td, loss.actor_parameters(), max_extension=0.5)
+
+
+def _fitted_step(policy, lr=0.02, steps=2):
+    """A loss with a fitted step (by default short: inside the radius, better on the batch than theta_old)."""
+    loss = _loss(policy, 0.05)
+    td = _batch(policy)
+    loss.solve_multiplier(td)
+    if policy == "categorical":
+        head = loss._head(td, td["ot_behaviour_probs"])
+        td["advantage"] = head.gather(-1, td["action"][:, None]).detach()
+    theta_old = loss.actor_parameters()
+    optim = torch.optim.SGD(loss.parameters(), lr=lr)
+    for _ in range(steps):
+        optim.zero_grad()
+        loss(td)["loss_objective"].backward()
+        optim.step()
+    return loss, td, theta_old, loss.actor_parameters()
+
+
+@pytest.mark.parametrize("policy", ["categorical", "gaussian"])
+@pytest.mark.parametrize("start", ["backtracked", "extended"])
+def test_boundary_trial_moves_closer_to_the_radius_inside_it_without_losing_surrogate(policy, start):
+    if start == "backtracked":  # a long fitted step, outside: the grid shortens it
+        loss, td, theta_old, theta_fit = _fitted_step(policy, lr=0.5, steps=10)
+        assert loss.realised_transport(td) > loss.epsilon
+        kwargs = {"max_backtracks": 30}
+    else:  # a short fitted step: the grid lengthens it
+        loss, td, theta_old, theta_fit = _fitted_step(policy)
+        kwargs = {"max_extension": 1000.0}  # the radius, not the cap, stops the grid
+    grid = loss.project_into_trust_region(td, theta_old, **kwargs)
+    grid_surrogate = loss.surrogate(td).item()
+    set_flat_params(loss._actor_params(), theta_fit)
+    info = loss.project_into_trust_region(td, theta_old, boundary_trial=True, **kwargs)
+    frac, grid_frac = info["step_fraction"].item(), grid["step_fraction"].item()
+    refused = grid_frac / 0.8
+    assert grid_frac < frac < refused  # strictly between the grid's kept length and its first refused one
+    torch.testing.assert_close(loss.actor_parameters(), theta_old + frac * (theta_fit - theta_old))
+    assert grid["realised_transport"].item() < info["realised_transport"].item() <= loss.epsilon
+    assert loss.realised_transport(td).item() == pytest.approx(info["realised_transport"].item())
+    assert loss.surrogate(td).item() >= grid_surrogate
+    # The squared Euclidean bound grows about quadratically in the length, as the trial assumes; total variation
+    # about linearly, so that the trial falls short of 0.99 there (on the safe side).
+    assert info["realised_transport"].item() / loss.epsilon > (0.95 if policy == "gaussian" else 0.85)
+
+
+def test_boundary_trial_outside_the_radius_is_refused_bit_for_bit(monkeypatch):
+    loss, td, theta_old, theta_fit = _fitted_step("gaussian")
+    grid = loss.project_into_trust_region(td, theta_old, max_extension=8.0)
+    kept = loss.actor_parameters()
+    set_flat_params(loss._actor_params(), theta_fit)
+    real = loss.realised_transport
+    calls = []
+
+    def measured(batch):  # the grid's trials as they are; the boundary trial (the last call) just outside
+        calls.append(1)
+        value = real(batch)
+        return value if len(calls) <= n_grid else torch.as_tensor(loss.epsilon * 1.01, dtype=value.dtype)
+
+    counting = []
+    monkeypatch.setattr(loss, "realised_transport", lambda b: counting.append(1) or real(b))
+    loss.project_into_trust_region(td, theta_old, max_extension=8.0)
+    n_grid = len(counting)
+    set_flat_params(loss._actor_params(), theta_fit)
+    monkeypatch.setattr(loss, "realised_transport", measured)
+    info = loss.project_into_trust_region(td, theta_old, max_extension=8.0, boundary_trial=True)
+    assert len(calls) == n_grid + 1  # one more trial was measured ...
+    assert torch.equal(loss.actor_parameters(), kept)  # ... and refused: the grid's step, bit for bit
+    assert info["step_fraction"].item() == grid["step_fraction"].item()
+
+
+def test_boundary_trial_off_by_default_and_checked():
+    loss = _loss("gaussian", 10.0)
+    td = _batch("gaussian")
+    loss.solve_multiplier(td)
+    with pytest.raises(ValueError, match="boundary_trial"):
+        loss.project_into_trust_region(td, loss.actor_parameters(), boundary_trial=1)

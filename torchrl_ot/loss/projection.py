@@ -46,7 +46,7 @@ class TrustRegionProjection:
     @torch.no_grad()
     def project_into_trust_region(self, tensordict: TensorDictBase, theta_old: Tensor, *,
                                   backtrack_coeff: float = 0.8, max_backtracks: int = 10,
-                                  max_extension: float = 1.0) -> TensorDictBase:
+                                  max_extension: float = 1.0, boundary_trial: bool = False) -> TensorDictBase:
         """Make the fitted update satisfy Problem (P)'s constraint on the batch: after the epochs, keep the
         largest step ``theta_old + backtrack_coeff**i (theta - theta_old)``, ``i = 0..max_backtracks``, whose
         :meth:`realised_transport` is at most ``epsilon``; if none is, restore ``theta_old`` (no update, zero
@@ -58,15 +58,25 @@ class TrustRegionProjection:
         surrogate, :meth:`surrogate`; the last such step is kept. The fitted network otherwise realises only a
         fraction of epsilon; no accepted step leaves the radius either way.
 
+        ``boundary_trial`` (an addition to the paper, off by default): the grid of powers of ``backtrack_coeff``
+        stops between ``backtrack_coeff**2`` and 1 of epsilon (transport grows about quadratically in the step
+        length for the squared Euclidean cost), about 0.8 on average. After the search, one more length is then
+        tried: the kept one times ``sqrt(0.99 epsilon / realised_transport)``, the length at which a transport
+        quadratic in it would reach 0.99 epsilon, if that lies strictly between the kept length and the first
+        refused one (or ``max(1, max_extension)``). It is kept only if it is inside the radius and the batch's
+        surrogate does not fall below the kept step's: the guarantee is the search's.
+
         This is how the network update is kept *provably* inside the trust region (exactly for categorical
         policies; through an upper bound for Gaussian ones): the paper's step 5 fits the network to the exact
         update by gradient steps, and nothing in that fit bounds what the network moves at the batch's states.
         Returns ``realised_transport`` (of the kept parameters), ``step_fraction`` (the kept fraction of the step:
-        1, a power of ``backtrack_coeff``, or 0) and ``backtracks``.
+        1, a power of ``backtrack_coeff``, the boundary trial's length, or 0) and ``backtracks``.
         """
         check_real("backtrack_coeff", backtrack_coeff, low=0, low_open=True, high=1, high_open=True)
         check_positive_int("max_backtracks", max_backtracks, minimum=0)
         check_real("max_extension", max_extension, low=1.0)
+        if not isinstance(boundary_trial, bool):
+            raise ValueError(f"boundary_trial must be True or False, got {boundary_trial!r}")
         params = self._actor_params()
         theta_new = get_flat_params(params)
         if theta_old.shape != theta_new.shape:
@@ -86,9 +96,12 @@ class TrustRegionProjection:
         else:
             set_flat_params(params, theta_old)
             moved, fraction, i = self.realised_transport(tensordict), 0.0, max_backtracks + 1
+        refused = fraction / backtrack_coeff if i else max_extension  # the first length refused (or the cap)
         if i == 0 and max_extension > 1:
-            moved, fraction = self._extend(tensordict, params, theta_old, theta_new, moved, backtrack_coeff,
-                                           max_extension)
+            moved, fraction, refused = self._extend(tensordict, params, theta_old, theta_new, moved,
+                                                    backtrack_coeff, max_extension)
+        if boundary_trial and fraction > 0:
+            moved, fraction = self._boundary_trial(tensordict, params, theta_old, step, moved, fraction, refused)
         return TensorDict({"realised_transport": moved, "step_fraction": torch.tensor(float(fraction)),
                            "backtracks": torch.tensor(i)}, batch_size=[])
 
@@ -108,20 +121,42 @@ class TrustRegionProjection:
         return (ratio * self._advantage(flat).detach()).double().mean()
 
     def _extend(self, tensordict: TensorDictBase, params, theta_old: Tensor, theta_new: Tensor, moved: Tensor,
-                coeff: float, max_extension: float) -> tuple[Tensor, float]:
+                coeff: float, max_extension: float) -> tuple[Tensor, float, float]:
         """Lengthen an admissible step by factors ``1 / coeff`` while it stays inside the radius and the batch's
         objective does not fall (see :meth:`project_into_trust_region`); returns the kept step's transport and
-        length, the parameters left at it."""
+        length and the first length refused (``max_extension`` if none was), the parameters left at the kept
+        step."""
         step = theta_new - theta_old
         best = self.surrogate(tensordict)
         fraction, scale = 1.0, 1.0 / coeff
+        refused = max_extension
         while fraction * scale <= max_extension * (1 + 1e-12):
             set_flat_params(params, theta_old + fraction * scale * step)
             trial = self.realised_transport(tensordict)
             value = self.surrogate(tensordict) if bool(trial <= self.epsilon) else None
             if value is None or not bool(value >= best):
+                refused = fraction * scale
                 break
             fraction, moved, best = fraction * scale, trial, value
         # No longer step accepted: the fitted parameters themselves, bit for bit.
         set_flat_params(params, theta_new if fraction == 1.0 else theta_old + fraction * step)
+        return moved, fraction, refused
+
+    def _boundary_trial(self, tensordict: TensorDictBase, params, theta_old: Tensor, step: Tensor, moved: Tensor,
+                        fraction: float, refused: float) -> tuple[Tensor, float]:
+        """One more length after the search (see :meth:`project_into_trust_region`): kept if inside the radius and
+        no worse on the batch's surrogate; returns the kept step's transport and length, the parameters at it."""
+        ratio = float(moved) / float(self.epsilon)
+        if not ratio > 0:  # nothing moved: no curvature to extrapolate from
+            return moved, fraction
+        trial_fraction = fraction * (0.99 / ratio) ** 0.5
+        if not fraction * (1 + 1e-6) < trial_fraction < refused * (1 - 1e-6):
+            return moved, fraction
+        kept = get_flat_params(params)
+        best = self.surrogate(tensordict)
+        set_flat_params(params, theta_old + trial_fraction * step)
+        trial = self.realised_transport(tensordict)
+        if bool(trial <= self.epsilon) and bool(self.surrogate(tensordict) >= best):
+            return trial, trial_fraction
+        set_flat_params(params, kept)
         return moved, fraction

@@ -156,6 +156,9 @@ class OTTrustRegion(Algorithm):
             raise ValueError(f"algo.epsilon must be positive and finite, got {cfg.algo.epsilon}")
         if cfg.algo.advantage_head not in ("in_critic", "separate"):
             raise ValueError(f"algo.advantage_head must be 'in_critic' or 'separate', got {cfg.algo.advantage_head!r}")
+        for key in ("enforce_radius", "boundary_trial"):
+            if not isinstance(cfg.algo.get(key, False), bool):
+                raise ValueError(f"algo.{key} must be true or false, got {cfg.algo.get(key)!r}")
 
     def __init__(self, cfg: DictConfig, policy: str, discrete: bool, actor: ProbabilisticActor,
                  critic: ValueOperator, head: TensorDictModule | None) -> None:
@@ -206,7 +209,8 @@ class OTTrustRegion(Algorithm):
         loss = self.loss_module
         if self.cfg.algo.enforce_radius:  # backtrack the actor's step until it is inside (or undo it)
             proj = loss.project_into_trust_region(batch, self.theta_old, backtrack_coeff=0.8,
-                                                  max_extension=self.cfg.algo.get("max_step_extension", 1.0))
+                                                  max_extension=self.cfg.algo.get("max_step_extension", 1.0),
+                                                  boundary_trial=self.cfg.algo.get("boundary_trial", False))
             moved = proj["realised_transport"]
             row["step_fraction"] = proj["step_fraction"].item()
         else:
