@@ -12,7 +12,16 @@ from tensordict.utils import NestedKey
 
 from torchrl_ot.functional import DualSolution, solve_dual
 from torchrl_ot.keys import SolutionKeys, write_solution
-from torchrl_ot.validation import Radius
+from torchrl_ot.validation import (
+    Radius,
+    check_nested_key,
+    check_same_device,
+    check_shape,
+    entry_name,
+    finite_checks,
+    get_entry,
+    raise_first_failed,
+)
 
 __all__ = ["DualSolver", "KeyedModule"]
 
@@ -39,12 +48,25 @@ class KeyedModule(TensorDictModuleBase):
         self.out_keys = [getattr(self.tensor_keys, f) for f in self._out_fields]
 
     def set_keys(self, **kwargs: NestedKey) -> KeyedModule:
-        """Rename keys, e.g. ``solver.set_keys(advantage="adv")``; unknown names are refused."""
+        """Rename keys, e.g. ``solver.set_keys(advantage="adv")``.
+
+        Refused: an unknown name, a value that is no TensorDict key, and two names on one key (an output would
+        overwrite an input, or one entry would be read as two different inputs).
+        """
         valid = {f.name for f in dataclasses.fields(self._AcceptedKeys)}
         for name in kwargs:
             if name not in valid:
                 raise ValueError(f"{name!r} is not a key of {type(self).__name__}; valid keys: {sorted(valid)}")
-        self.tensor_keys = dataclasses.replace(self.tensor_keys, **kwargs)
+        kwargs = {name: check_nested_key(name, key) for name, key in kwargs.items()}
+        keys = dataclasses.replace(self.tensor_keys, **kwargs)
+        owners: dict = {}
+        for field in dataclasses.fields(keys):
+            key = check_nested_key(field.name, getattr(keys, field.name))
+            if key in owners:
+                raise ValueError(f"{owners[key]} and {field.name} of {type(self).__name__} must be different keys, "
+                                 f"both are {key!r}")
+            owners[key] = field.name
+        self.tensor_keys = keys
         self._sync_keys()
         return self
 
@@ -53,11 +75,12 @@ class DualSolver(KeyedModule):
     """Solve the OT trust-region dual exactly for the samples in a TensorDict.
 
     Reads ``advantage`` ``[*B, K]``, ``cost`` ``[*B, K]`` and optionally ``weight`` ``[*B]``
-    (uniform ``1 / numel(B)`` if absent: the paper weights every visited state equally) and
-    writes lam* (``ot_multiplier``), G(lam*) (``ot_dual_value``), t* (``ot_split``), the
-    expected transport of the update (``ot_transport``), both expanded over the batch, and the
-    per-sample closest / farthest maximisers (``ot_low_index``, ``ot_high_index``). The batch may
-    have any number of dimensions; they are flattened into one set of samples.
+    (uniform ``1 / numel(B)`` if absent: the paper weights every visited state equally), ``B`` the
+    TensorDict's batch size, and writes lam* (``ot_multiplier``), G(lam*) (``ot_dual_value``), t*
+    (``ot_split``), the expected transport of the update (``ot_transport``), both expanded over the
+    batch, and the per-sample closest / farthest maximisers (``ot_low_index``, ``ot_high_index``). The
+    batch may have any number of dimensions; they are flattened into one set of samples. Inputs of
+    other shapes, dtypes or values are refused (:meth:`solve`).
 
     Args:
         epsilon: trust-region radius (> 0).
@@ -97,22 +120,52 @@ class DualSolver(KeyedModule):
         self.epsilon = epsilon
 
     def solve(self, td: TensorDictBase) -> DualSolution:
-        """Solve without writing anything: the :class:`DualSolution` for ``td``'s samples."""
-        keys = self.tensor_keys
-        adv = td.get(keys.advantage)
-        cost = td.get(keys.cost)
+        """Solve without writing anything: the :class:`DualSolution` for ``td``'s samples.
+
+        Refused, naming the entry: a missing ``advantage`` or ``cost``; an ``advantage`` not shaped
+        ``[*batch_size, K]`` (e.g. ``[*batch_size]``, which would be read as one sample with many candidates), a
+        ``cost`` of another shape, a ``weight`` not shaped ``[*batch_size]``; non-floating dtypes, entries on
+        several devices, an empty batch; NaN or inf anywhere, a negative cost or weight.
+        """
+        adv, cost, weight = self._inputs(td)
         k = adv.shape[-1]
-        weight = td.get(keys.weight, None)
         adv, cost = adv.reshape(-1, k), cost.reshape(-1, k)
         if weight is None:
-            weight = torch.full(adv.shape[:1], 1.0 / max(adv.shape[0], 1), dtype=adv.dtype, device=adv.device)
+            weight = torch.full(adv.shape[:1], 1.0 / adv.shape[0], dtype=adv.dtype, device=adv.device)
         else:
             weight = weight.reshape(-1)
         return solve_dual(adv, cost, weight, self.epsilon)
 
+    def _inputs(self, td: TensorDictBase):
+        keys, owner = self.tensor_keys, type(self).__name__
+        adv = get_entry(td, keys.advantage, owner, floating=True)
+        cost = get_entry(td, keys.cost, owner, floating=True)
+        weight = td.get(keys.weight, None)
+        batch = tuple(td.batch_size)
+        dims = ", ".join([*map(str, batch), "K"])
+        check_shape(entry_name(keys.advantage, owner), adv, (*batch, None), what=f"[*batch_size, K] = [{dims}]")
+        if adv.shape[-1] == 0:
+            raise ValueError(f"{entry_name(keys.advantage, owner)} has no candidates: K must be at least 1")
+        if td.batch_size.numel() == 0:
+            raise ValueError(f"{owner} got an empty batch (batch_size {batch})")
+        check_shape(entry_name(keys.cost, owner), cost, tuple(adv.shape),
+                    what=f"{list(adv.shape)}, that of {keys.advantage!r}")
+        tensors = {repr(keys.advantage): adv, repr(keys.cost): cost}
+        checks = finite_checks(adv, entry_name(keys.advantage, owner))
+        checks += finite_checks(cost, entry_name(keys.cost, owner), nonneg=True)
+        if weight is not None:
+            weight = get_entry(td, keys.weight, owner, floating=True)
+            check_shape(entry_name(keys.weight, owner), weight, batch, what=f"[*batch_size] = {list(batch)}")
+            tensors[repr(keys.weight)] = weight
+            checks += finite_checks(weight, entry_name(keys.weight, owner), nonneg=True)
+        check_same_device(**tensors)
+        # Once per batch, like the solve itself (which syncs anyway): one sync for every value check.
+        raise_first_failed(checks)
+        return adv, cost, weight
+
     def forward(self, td: TensorDictBase) -> TensorDictBase:
         solution = self.solve(td)
-        batch = td.get(self.tensor_keys.advantage).shape[:-1]
+        batch = td.batch_size
         write_solution(td, self.tensor_keys, solution, batch)
         td.set(self.tensor_keys.low_index, solution.low_index.reshape(batch))
         td.set(self.tensor_keys.high_index, solution.high_index.reshape(batch))

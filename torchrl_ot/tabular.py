@@ -31,6 +31,21 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import OneHotCategorical, ProbabilisticActor
 
 from torchrl_ot.envs import check_env_kwargs  # importing torchrl_ot.envs also registers NChain-v0
+from torchrl_ot.validation import (
+    check_bool,
+    check_choice,
+    check_entries_present,
+    check_per_sample,
+    check_positive_int,
+    check_real,
+    check_same_device,
+    check_shape,
+    check_tensor,
+    entry_name,
+    finite_checks,
+    raise_first_failed,
+    simplex_checks,
+)
 
 __all__ = [
     "episode_limit",
@@ -53,6 +68,8 @@ def episode_limit(env_id: str, max_episode_steps: int | None = None) -> int:
     Environments registered without a limit (CliffWalking) get one so that a poor policy cannot
     stall collection or evaluation.
     """
+    if max_episode_steps is not None:
+        check_positive_int("max_episode_steps", max_episode_steps)
     try:
         spec = gym.spec(env_id)
     except gym.error.Error as err:
@@ -65,6 +82,7 @@ def make_vec_env(env_id: str, env_kwargs: dict[str, Any], *, num_envs: int, wrap
     """``gymnasium.make_vec`` without autoreset (TorchRL resets finished copies itself; gymnasium's autoreset would
     hide final states), ``env_kwargs`` (checked by :func:`~torchrl_ot.envs.check_env_kwargs`) passed to every copy.
     A constructor refusing a value of ``env_kwargs`` raises a ``ValueError`` naming ``env.kwargs``."""
+    check_positive_int("num_envs", num_envs)
     try:
         return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync", wrappers=wrappers,
                             max_episode_steps=max_episode_steps,
@@ -80,6 +98,9 @@ def make_env(env_id: str, *, num_envs: int = 16, max_episode_steps: int | None =
              seed: int | None = None, env_kwargs: Mapping[str, Any] | None = None) -> EnvBase:
     """``num_envs`` synchronous copies of a discrete gymnasium env as one TorchRL env ``[num_envs]``,
     each capped at :func:`episode_limit` steps; ``env_kwargs`` go to ``gymnasium.make`` (a map, slipperiness)."""
+    check_positive_int("num_envs", num_envs)
+    if seed is not None:
+        check_positive_int("seed", seed, minimum=0)
     limit = episode_limit(env_id, max_episode_steps)
     vec = make_vec_env(env_id, check_env_kwargs(env_id, env_kwargs), num_envs=num_envs, max_episode_steps=limit)
     if not isinstance(vec.single_observation_space, gym.spaces.Discrete) or not isinstance(
@@ -102,7 +123,23 @@ def env_sizes(env: EnvBase) -> tuple[int, int]:
 
 def state_index(observation: Tensor) -> Tensor:
     """State indices from one-hot observations (TorchRL's encoding of ``Discrete``)."""
+    check_tensor("observation", observation)
+    if observation.dim() == 0 or observation.shape[-1] == 0:
+        raise ValueError(f"observation must be one-hot [..., num_states], got shape {tuple(observation.shape)}")
     return observation.argmax(-1)
+
+
+def _check_one_hot(name: str, x: Tensor, size: int, what: str) -> None:
+    # argmax of an index [..., 1] (not one-hot) or of a one-hot row of another size is a valid index of the table:
+    # a silently wrong state or action.
+    check_tensor(name, x)
+    if x.dim() == 0 or x.shape[-1] != size:
+        raise ValueError(f"{name} must be one-hot [..., {size}] ({what}), got shape {tuple(x.shape)}")
+
+
+def _check_table(name: str, x: Tensor, shape: tuple[int, ...]) -> None:
+    check_tensor(name, x, floating=True)
+    check_shape(name, x, shape, what=str(list(shape)))
 
 
 class TabularPolicy(nn.Module):
@@ -116,18 +153,46 @@ class TabularPolicy(nn.Module):
 
     def __init__(self, num_states: int, num_actions: int) -> None:
         super().__init__()
+        check_positive_int("num_states", num_states)
+        check_positive_int("num_actions", num_actions)
         self.register_buffer("probs", torch.full((num_states, num_actions), 1.0 / num_actions,
                                                  dtype=torch.float64))
 
     def forward(self, observation: Tensor) -> Tensor:
+        _check_one_hot("observation", observation, self.probs.shape[0], "one entry per state")
         return self.probs[state_index(observation)]
 
 
 def make_actor(policy: TabularPolicy, env: EnvBase) -> ProbabilisticActor:
     """Wrap a :class:`TabularPolicy` as a TorchRL actor sampling one-hot actions."""
+    if not isinstance(policy, TabularPolicy):
+        raise ValueError(f"policy must be a TabularPolicy, got {type(policy).__name__}")
+    if tuple(policy.probs.shape) != env_sizes(env):
+        raise ValueError(f"policy has a table of {tuple(policy.probs.shape)} (states, actions); the env has "
+                         f"{env_sizes(env)}")
     module = TensorDictModule(policy, in_keys=["observation"], out_keys=["probs"])
     return ProbabilisticActor(module, in_keys=["probs"], distribution_class=OneHotCategorical,
                               spec=env.action_spec)
+
+
+_TRANSITION_KEYS = ("observation", "action", ("next", "reward"), ("next", "observation"), ("next", "terminated"))
+
+
+def _check_batch(batch: TensorDictBase, num_states: int, num_actions: int, owner: str, keys=_TRANSITION_KEYS) -> None:
+    """Refuse, by key, a collected batch that the tables would misread (no device sync)."""
+    check_entries_present(batch, keys, owner)
+    if batch.batch_size.numel() == 0:
+        raise ValueError(f"{owner} got an empty batch")
+    for key in keys:
+        x = batch.get(key)
+        name = entry_name(key, owner)
+        if key in ("observation", ("next", "observation")):
+            _check_one_hot(name, x, num_states, "one entry per state")
+        elif key == "action":
+            _check_one_hot(name, x, num_actions, "one entry per action, as make_actor's actor writes it")
+        else:  # reward, terminated, done, step_count: one per step
+            check_tensor(name, x)
+            check_per_sample(name, x, batch.batch_size)
 
 
 def _transitions(batch: TensorDictBase):
@@ -158,12 +223,11 @@ class TabularCritic:
 
     def __init__(self, num_states: int, num_actions: int, *, gamma: float, estimator: str = "td",
                  sweeps: int = 200) -> None:
-        if estimator not in ("td", "mc"):
-            raise ValueError(f"estimator must be 'td' or 'mc', got {estimator!r}")
-        if not 0.0 <= gamma < 1.0:
-            raise ValueError(f"gamma must lie in [0, 1), got {gamma}")
-        if sweeps < 1:
-            raise ValueError(f"sweeps must be a positive int, got {sweeps}")
+        check_positive_int("num_states", num_states)
+        check_positive_int("num_actions", num_actions)
+        check_choice("estimator", estimator, ("td", "mc"))
+        check_real("gamma", gamma, low=0.0, high=1.0, high_open=True)
+        check_positive_int("sweeps", sweeps)
         self.S, self.A, self.gamma, self.estimator, self.sweeps = num_states, num_actions, gamma, estimator, sweeps
         self.q = torch.zeros(num_states, num_actions, dtype=torch.float64)
         # Sufficient statistics of the transitions seen: unique (s, a, s', terminated) with counts.
@@ -171,12 +235,35 @@ class TabularCritic:
         self._count = torch.zeros(0, dtype=torch.float64)
         self._reward = torch.zeros(0, dtype=torch.float64)
 
+    def _check_policy(self, policy: Tensor) -> None:
+        _check_table("policy", policy, (self.S, self.A))
+        check_same_device(policy=policy, **{"the critic's table": self.q})
+
     def advantage(self, policy: Tensor) -> Tensor:
         """``A(s, a) = Q(s, a) - V(s)`` with ``V(s) = sum_a pi(a|s) Q(s, a)``."""
+        self._check_policy(policy)
         return self.q - (policy * self.q).sum(-1, keepdim=True)
 
     def update(self, batch: TensorDictBase, policy: Tensor) -> Tensor:
-        """Re-estimate Q for ``policy`` from a collected batch ``[num_envs, T]``; returns Q."""
+        """Re-estimate Q for ``policy`` from a collected batch ``[num_envs, T]``; returns Q.
+
+        Refused: a missing entry, observations or actions that are not one-hot over the table's states or actions,
+        per-step entries (reward, terminated, done) not one per step, a batch that is not ``[num_envs, T]`` for
+        ``"mc"``, a policy that is not a ``[S, A]`` floating table of probabilities, a NaN or inf reward.
+        """
+        owner = type(self).__name__
+        self._check_policy(policy)
+        keys = _TRANSITION_KEYS + ((("next", "done"),) if self.estimator == "mc" else ())
+        _check_batch(batch, self.S, self.A, owner, keys)
+        if self.estimator == "mc" and batch.batch_dims != 2:
+            raise ValueError(f"the 'mc' estimator of {owner} needs a batch [num_envs, T] (its returns run along T), "
+                             f"got batch_size {list(batch.batch_size)}")
+        reward = batch.get(("next", "reward"))
+        checks = simplex_checks(policy, "policy")
+        if reward.is_floating_point():
+            checks += finite_checks(reward, entry_name(("next", "reward"), owner))
+        # Once per batch, before the tables change: one device sync.
+        raise_first_failed(checks)
         if self.estimator == "td":
             self._absorb(*_transitions(batch))
             self._evaluate(policy)
@@ -237,6 +324,9 @@ def visitation_weights(batch: TensorDictBase, num_states: int, gamma: float) -> 
 
     ``t`` is the step within the episode (TorchRL's ``step_count``); the result sums to 1.
     """
+    check_positive_int("num_states", num_states)
+    check_real("gamma", gamma, low=0.0, high=1.0)
+    _check_batch(batch, num_states, 1, "visitation_weights", ("observation", "step_count"))
     s = state_index(batch["observation"]).reshape(-1)
     t = batch["step_count"].reshape(-1).double()
     w = torch.zeros(num_states, dtype=torch.float64).index_add_(0, s, gamma ** t)
@@ -247,10 +337,25 @@ def audit_transport(policy: Tensor, new_policy: Tensor, state_weight: Tensor, co
     """``sum_s rho(s) C(pi(.|s), pi_new(.|s))`` with C the exact OT discrepancy (eq. 1).
 
     Each state's OT problem is solved by POT's exact network simplex (``ot.emd2``), so the audit
-    shares no code with the dual solver it checks.
+    shares no code with the dual solver it checks. Refused: tables that are not floating ``[S, A]`` probabilities,
+    ``[S]`` finite non-negative weights and an ``[A, A]`` finite non-negative cost.
     """
-    p, q = policy.double().numpy(), new_policy.double().numpy()
-    w, c = state_weight.double().numpy(), np.ascontiguousarray(cost.double().numpy())
+    for name, x in (("policy", policy), ("new_policy", new_policy), ("state_weight", state_weight), ("cost", cost)):
+        check_tensor(name, x, floating=True)
+    if policy.dim() != 2:
+        raise ValueError(f"policy must have shape [S, A], got {tuple(policy.shape)}")
+    S, A = policy.shape
+    _check_table("new_policy", new_policy, (S, A))
+    _check_table("state_weight", state_weight, (S,))
+    _check_table("cost", cost, (A, A))
+    check_same_device(policy=policy, new_policy=new_policy, state_weight=state_weight, cost=cost)
+    raise_first_failed(simplex_checks(policy, "policy") + simplex_checks(new_policy, "new_policy")
+                       + finite_checks(state_weight, "state_weight", nonneg=True)
+                       + finite_checks(cost, "cost", nonneg=True))
+    # numpy reads host memory only.
+    p, q = policy.detach().cpu().double().numpy(), new_policy.detach().cpu().double().numpy()
+    w = state_weight.detach().cpu().double().numpy()
+    c = np.ascontiguousarray(cost.detach().cpu().double().numpy())
     total = 0.0
     for s in np.flatnonzero((w > 0) & np.any(p != q, axis=1)):
         # emd2 wants equal masses to rounding; renormalise each row.
@@ -267,6 +372,8 @@ def evaluate(env: EnvBase, actor: ProbabilisticActor, *, max_steps: int,
     ``deterministic=True`` acts with the policy's mode (greedy action), as TorchRL's
     ``ExplorationType.DETERMINISTIC`` does; ``False`` samples actions.
     """
+    check_positive_int("max_steps", max_steps)
+    check_bool("deterministic", deterministic)
     mode = ExplorationType.DETERMINISTIC if deterministic else ExplorationType.RANDOM
     with set_exploration_type(mode):
         rollout = env.rollout(max_steps, actor, break_when_any_done=False)

@@ -13,7 +13,16 @@ from torchrl_ot.costs import TransportCost
 from torchrl_ot.dual import KeyedModule
 from torchrl_ot.functional import DualSolution, tabular_ot_update, tabular_problem, transport_plan
 from torchrl_ot.keys import SolutionKeys, write_solution
-from torchrl_ot.validation import check_bool
+from torchrl_ot.validation import (
+    check_bool,
+    check_same_device,
+    check_shape,
+    entry_name,
+    finite_checks,
+    get_entry,
+    raise_first_failed,
+    simplex_checks,
+)
 
 __all__ = ["MassSplittingTarget"]
 
@@ -28,7 +37,9 @@ class MassSplittingTarget(KeyedModule):
     mass-split target ``target_probs`` ``[*B, A]`` (eq. 10) with the diagnostics of
     :class:`~torchrl_ot.DualSolver`; ``ot_transport`` is what the written target moves (with ``split=False``,
     WPO's own plan, which can exceed epsilon). This is step 5, case 1 (tabular) and case 2 (policy network:
-    regress onto ``target_probs``) of Section 5.
+    regress onto ``target_probs``) of Section 5. Refused, naming the entry: inputs of other shapes (``probs`` of
+    shape ``[*B]`` would be read as one state with many actions), non-floating dtypes, entries on several
+    devices, NaN or inf, ``probs`` rows off the simplex, negative state weights.
 
     Args:
         cost: a discrete :class:`~torchrl_ot.costs.TransportCost` (its ``matrix(A)`` is used).
@@ -79,11 +90,8 @@ class MassSplittingTarget(KeyedModule):
     def solve(self, td: TensorDictBase) -> tuple[Tensor, DualSolution, Tensor]:
         """Compute without writing anything: the target ``[*B, A]``, the :class:`DualSolution` and the
         transport of the target (the solution's ``transport``, or WPO's own plan's with ``split=False``)."""
-        keys = self.tensor_keys
-        probs = td.get(keys.probs).detach()
-        adv = td.get(keys.action_advantage).detach()
+        probs, adv, weight = self._inputs(td)
         batch, n = probs.shape[:-1], probs.shape[-1]
-        weight = td.get(keys.state_weight, None)
         flat_p = probs.reshape(-1, n)
         if weight is None:
             weight = torch.full(flat_p.shape[:1], 1.0 / max(flat_p.shape[0], 1), dtype=probs.dtype,
@@ -97,6 +105,35 @@ class MassSplittingTarget(KeyedModule):
             plan = transport_plan(solution, n, split=False)
             transport = (w_flat * (plan * c_flat).sum(-1)).sum()
         return target.reshape(*batch, n), solution, transport
+
+    def _inputs(self, td: TensorDictBase) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``probs``, ``action_advantage`` (detached) and ``state_weight`` (or None), refused by key when missing,
+        not floating, not shaped ``[*batch_size, A]`` / ``[*batch_size]`` (``probs`` of shape ``[*batch_size]``
+        would be read as one state with many actions), on several devices, or with values that are not finite,
+        probabilities (``probs``) or non-negative (``state_weight``)."""
+        keys, owner = self.tensor_keys, type(self).__name__
+        batch = tuple(td.batch_size)
+        if td.batch_size.numel() == 0:
+            raise ValueError(f"{owner} got an empty batch (batch_size {batch})")
+        probs = get_entry(td, keys.probs, owner, floating=True).detach()
+        dims = ", ".join([*map(str, batch), "A"])
+        check_shape(entry_name(keys.probs, owner), probs, (*batch, None), what=f"[*batch_size, A] = [{dims}]")
+        adv = get_entry(td, keys.action_advantage, owner, floating=True).detach()
+        check_shape(entry_name(keys.action_advantage, owner), adv, tuple(probs.shape),
+                    what=f"{list(probs.shape)}, that of {keys.probs!r}")
+        tensors = {repr(keys.probs): probs, repr(keys.action_advantage): adv}
+        checks = simplex_checks(probs, entry_name(keys.probs, owner))
+        checks += finite_checks(adv, entry_name(keys.action_advantage, owner))
+        weight = td.get(keys.state_weight, None)
+        if weight is not None:
+            weight = get_entry(td, keys.state_weight, owner, floating=True).detach()
+            check_shape(entry_name(keys.state_weight, owner), weight, batch, what=f"[*batch_size] = {list(batch)}")
+            tensors[repr(keys.state_weight)] = weight
+            checks += finite_checks(weight, entry_name(keys.state_weight, owner), nonneg=True)
+        check_same_device(**tensors)
+        # Once per batch, like the solve itself: one device sync for every value check.
+        raise_first_failed(checks)
+        return probs, adv, weight
 
     def forward(self, td: TensorDictBase) -> TensorDictBase:
         target, solution, transport = self.solve(td)

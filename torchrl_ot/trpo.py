@@ -20,7 +20,19 @@ from torchrl_ot._actor_critic import (
     log_prob_per_sample,
     set_flat_params,
 )
-from torchrl_ot.validation import check_positive_int, check_real
+from torchrl_ot.validation import (
+    check_draw_shape,
+    check_entries_present,
+    check_per_sample,
+    check_positive_int,
+    check_real,
+    check_same_device,
+    check_shape,
+    check_tensor,
+    draw_shape,
+    entry_name,
+    get_entry,
+)
 
 __all__ = ["TRPOLoss", "conjugate_gradient", "fisher_vector_product", "flat_grad", "get_flat_params",
            "set_flat_params"]
@@ -167,17 +179,47 @@ class TRPOLoss(ActorCriticLoss):
     def out_keys(self) -> list[str]:
         return ["loss_objective", "loss_critic", "kl", *(["entropy"] if self.entropy_coeff is not None else [])]
 
-    def _prepare(self, tensordict: TensorDictBase) -> TensorDictBase:
-        """A flat shallow copy with the advantage (run the value estimator if missing), NaN/inf refused."""
+    def _prepare(self, tensordict: TensorDictBase, *extra: NestedKey) -> TensorDictBase:
+        """A flat shallow copy with the advantage (run the value estimator if missing), NaN/inf refused (one sync),
+        and refused by key: a missing entry (the action, the networks' inputs, ``extra``), an advantage or stored
+        log-probability not floating or not one value per sample, entries on several devices."""
+        keys, owner = self.tensor_keys, type(self).__name__
         td = tensordict.clone(False)  # never mutate the caller's batch
-        if td.get(self.tensor_keys.advantage, None) is None:
+        check_entries_present(td, [keys.action, *self.actor_network.in_keys, *self.critic_network.in_keys], owner)
+        if td.get(keys.advantage, None) is None:
+            check_entries_present(td, self.in_keys, owner,
+                                  f" to estimate the advantage (there is no {keys.advantage!r})")
             self._estimate_advantage(td)
-        keys = self.tensor_keys
+        check_entries_present(td, extra, owner)
+        if td.batch_size.numel() == 0:
+            raise ValueError(f"{owner} got an empty batch")
         self._check_entries(td, [*self.actor_network.in_keys, *self._dist_keys, keys.action, keys.advantage,
                                  keys.sample_log_prob, keys.value_target])
-        if td.get(keys.advantage).numel() != td.numel():
-            raise ValueError(f"advantage must hold one value per sample, got {tuple(td.get(keys.advantage).shape)}")
+        entries = {}
+        for key in (keys.advantage, keys.sample_log_prob):
+            x = td.get(key, None)
+            if x is not None:
+                check_tensor(entry_name(key, owner), x, floating=True)
+                check_per_sample(entry_name(key, owner), x, td.batch_size)
+                entries[repr(key)] = x
+        entries[repr(keys.action)] = get_entry(td, keys.action, owner)
+        for key in (keys.value_target, *self._dist_keys):
+            x = td.get(key, None)
+            if x is not None:
+                check_tensor(entry_name(key, owner), x, floating=True)
+                entries[repr(key)] = x
+        check_same_device(**entries)
         return td.reshape(-1)
+
+    def _check_dists(self, flat: TensorDictBase, old: Distribution, new: Distribution) -> None:
+        """The taken actions shaped like a draw of the policy, and pi_old's draws like pi_theta's: log_prob and the
+        KL would broadcast ``[n]`` against ``[n, 1]`` (or stored ``[n, 1]`` parameters against ``[n, d]``) and sum."""
+        owner = type(self).__name__
+        if draw_shape(old) != draw_shape(new):
+            raise ValueError(f"pi_old's parameters {self._dist_keys} (input of {owner}) give draws of shape "
+                             f"{list(draw_shape(old))}, the current policy {list(draw_shape(new))}")
+        check_draw_shape(entry_name(self.tensor_keys.action, owner), flat.get(self.tensor_keys.action), new,
+                         what="a draw of the policy, the batch flattened")
 
     def _objective(self, flat: TensorDictBase, old: Distribution, logp_old: Tensor,
                    seed: int | None = None) -> tuple[Tensor, Tensor, Distribution]:
@@ -185,6 +227,7 @@ class TRPOLoss(ActorCriticLoss):
         actor_step) and KL(pi_old || pi_theta) ``[n]``, with the current actor."""
         n = flat.numel()
         dist = self._current_dist(flat)
+        self._check_dists(flat, old, dist)
         ratio = torch.exp(log_prob_per_sample(dist, flat.get(self.tensor_keys.action), n) - logp_old)
         surrogate = ratio * flat.get(self.tensor_keys.advantage).reshape(n).detach()
         if seed is not None and self.entropy_coeff is not None:
@@ -193,16 +236,32 @@ class TRPOLoss(ActorCriticLoss):
 
     @dispatch()
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        """``loss_objective`` (-surrogate), ``loss_critic``, and the detached ``kl`` and ``entropy``."""
-        flat = self._prepare(tensordict)
+        """``loss_objective`` (-surrogate), ``loss_critic``, and the detached ``kl`` and ``entropy``.
+
+        Refused with a ``ValueError`` naming the entry: a missing entry, NaN or inf, an advantage or stored
+        log-probability not floating or not one value per sample, actions not shaped like a draw of the policy,
+        stored pi_old parameters giving draws of another shape, a ``value_target`` not shaped like the critic's
+        output, entries on several devices.
+        """
+        keys, owner = self.tensor_keys, type(self).__name__
+        flat = self._prepare(tensordict, keys.value_target)
         n = flat.numel()
         if all(flat.get(k, None) is not None for k in self._dist_keys):
             old = self.actor_network.build_dist_from_params(flat.select(*self._dist_keys).detach())
         else:
             with torch.no_grad():
                 old = self._current_dist(flat)
+        if flat.get(keys.sample_log_prob, None) is None:  # _old_log_prob reads the action with pi_old
+            check_draw_shape(entry_name(keys.action, owner), flat.get(keys.action), old,
+                             what=f"a draw of pi_old, from the stored {self._dist_keys} if there are any")
         surrogate, kl, dist = self._objective(flat, old, self._old_log_prob(flat, old))
-        critic = self._critic_loss(self._run("critic_network", flat), flat)
+        critic_out = self._run("critic_network", flat)
+        value = critic_out.get(keys.value)
+        # [n] against the critic's [n, 1] would broadcast into [n, n] in distance_loss.
+        if flat.get(keys.value_target).shape != value.shape:
+            check_shape(entry_name(keys.value_target, owner), flat.get(keys.value_target), tuple(value.shape),
+                        what=f"{list(value.shape)}, the critic's output (the batch flattened)")
+        critic = self._critic_loss(critic_out, flat)
         shape = tensordict.shape
         out = {"loss_objective": self._reduce_loss(-surrogate.reshape(shape), tensordict),
                "loss_critic": self._reduce_loss(self.critic_coeff * critic.reshape(shape), tensordict),

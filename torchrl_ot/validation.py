@@ -10,12 +10,14 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
-from tensordict.utils import NestedKey
+from tensordict.utils import NestedKey, unravel_key
 from torch import Tensor
 
-__all__ = ["Radius", "check_bool", "check_broadcast", "check_choice", "check_epsilon", "check_finite",
-           "check_finite_entries", "check_floating_dtype", "check_positive_int", "check_real", "check_same_device",
-           "check_tensor", "is_real", "raise_first_failed"]
+__all__ = ["Radius", "check_bool", "check_broadcast", "check_choice", "check_draw_shape", "check_entries_present",
+           "check_epsilon", "check_finite", "check_finite_entries", "check_floating_dtype", "check_nested_key",
+           "check_per_sample", "check_positive_int", "check_real", "check_same_device", "check_shape", "check_tensor",
+           "draw_shape", "entry_name", "finite_checks", "get_entry", "is_real", "raise_first_failed",
+           "simplex_checks"]
 
 
 def is_real(value) -> bool:
@@ -116,25 +118,51 @@ def raise_first_failed(checks: Sequence[tuple[Tensor, Callable[[], str]]]) -> No
     """
     if not checks:
         return
-    flags = torch.stack([flag.reshape(()) for flag, _ in checks]).tolist()
+    flags = [flag if flag.dim() == 0 else flag.reshape(()) for flag, _ in checks]
+    if len(flags) == 1:
+        flags = [bool(flags[0])]
+    elif any(flag.device != flags[0].device for flag in flags):  # a TensorDict without a device may mix them
+        flags = [bool(flag) for flag in flags]
+    elif bool(torch.stack(flags).all()):  # the one sync; which check failed is read only on failure
+        return
     for ok, (_, message) in zip(flags, checks, strict=True):
         if not ok:
             raise ValueError(message())
 
 
-def check_finite(x: Tensor, name: str, *, nonneg: bool = False) -> None:
-    """Refuse NaN or inf in ``x`` (and, with ``nonneg``, a negative entry), naming ``name``."""
+def finite_checks(x: Tensor, name: str, *, nonneg: bool = False) -> list[tuple[Tensor, Callable[[], str]]]:
+    """The checks of :func:`check_finite` as ``(flag, message)`` pairs for :func:`raise_first_failed`, so that
+    several tensors are checked with one device sync; type and dtype are refused at once (no sync needed)."""
     check_tensor(name, x)
     if x.dtype == torch.bool or x.is_complex():
         raise ValueError(f"{name} must hold real numbers, got {x.dtype}")
     if x.numel() == 0:
-        return
+        return []
     lo, hi = torch.aminmax(x)
     # aminmax propagates NaN, so one pass covers NaN, inf and the sign.
-    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
-        raise ValueError(f"{name} must be finite; it contains NaN or inf")
-    if nonneg and bool(lo < 0):
-        raise ValueError(f"{name} must be non-negative; its smallest entry is {lo.item():.6g}")
+    checks = [(torch.isfinite(lo) & torch.isfinite(hi), lambda: f"{name} must be finite; it contains NaN or inf")]
+    if nonneg:
+        checks.append((lo >= 0, lambda: f"{name} must be non-negative; its smallest entry is {lo.item():.6g}"))
+    return checks
+
+
+def check_finite(x: Tensor, name: str, *, nonneg: bool = False) -> None:
+    """Refuse NaN or inf in ``x`` (and, with ``nonneg``, a negative entry), naming ``name``."""
+    raise_first_failed(finite_checks(x, name, nonneg=nonneg))
+
+
+def simplex_checks(x: Tensor, name: str) -> list[tuple[Tensor, Callable[[], str]]]:
+    """``(flag, message)`` pairs refusing rows of ``x`` (probabilities over the last dimension) that are not
+    finite, non-negative and summing to 1, for :func:`raise_first_failed`."""
+    check_tensor(name, x, floating=True)
+    checks = finite_checks(x, name, nonneg=True)
+    if x.numel():
+        # Rows of float16 / bfloat16 probabilities sum to 1 only to their resolution.
+        tol = max(1e-5, x.shape[-1] * torch.finfo(x.dtype).eps)
+        worst = (x.sum(-1, dtype=torch.float64) - 1).abs().max()
+        checks.append((worst <= tol, lambda: f"{name} must hold probabilities whose rows sum to 1; a row is off by "
+                                             f"{worst.item():.3g}"))
+    return checks
 
 
 def check_epsilon(epsilon: float | Tensor, dtype: torch.dtype = torch.float64,
@@ -166,11 +194,104 @@ def check_epsilon(epsilon: float | Tensor, dtype: torch.dtype = torch.float64,
 
 def check_finite_entries(td, keys: Iterable[NestedKey], owner: str) -> None:
     """Refuse a NaN or inf in any floating entry ``keys`` of ``td`` (a TensorDict or a dict), naming the entry:
-    it would otherwise flow silently into lam* or the gradients."""
+    it would otherwise flow silently into lam* or the gradients. One device sync for all the entries."""
+    checks = []
     for key in dict.fromkeys(keys):
         value = td.get(key, None)
-        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{key!r} reaching {owner} contains NaN or inf; refusing a NaN update")
+        if isinstance(value, Tensor) and value.is_floating_point():
+            checks.append((torch.isfinite(value).all(),
+                           lambda key=key: f"{key!r} reaching {owner} contains NaN or inf; refusing a NaN update"))
+    raise_first_failed(checks)
+
+
+# ------------------------------------------------------------------------------------------------
+# TensorDict entries: what a module's forward reads, refused by key (no device sync)
+
+
+def check_nested_key(name: str, key) -> NestedKey:
+    """Refuse anything but a TensorDict key (a non-empty string, or a non-empty tuple of them, nested or not);
+    returns it unravelled (``("a",)`` is ``"a"``), so that two spellings of one key compare equal."""
+    def ok(k) -> bool:
+        if isinstance(k, str):
+            return bool(k)
+        return isinstance(k, tuple) and bool(k) and all(ok(part) for part in k)
+
+    if not ok(key):
+        raise ValueError(f"{name} must be a TensorDict key (a non-empty str or a tuple of them), got {key!r}")
+    return unravel_key(key)
+
+
+def entry_name(key: NestedKey, owner: str) -> str:
+    """How a refusal names an input entry: the key and the module reading it."""
+    return f"{key!r} (input of {owner})"
+
+
+def check_entries_present(td, keys: Iterable[NestedKey], owner: str, why: str = "") -> dict:
+    """Refuse a ``td`` lacking any of ``keys``, naming every missing key and the module: a raw ``KeyError`` (or a
+    ``None`` read further down) names neither. Returns ``{key: entry}`` (each read once)."""
+    found = {key: td.get(key, None) for key in keys}
+    missing = [key for key, value in found.items() if value is None]
+    if missing:
+        have = sorted(map(repr, td.keys(True, True))) if hasattr(td, "keys") else []
+        raise ValueError(f"{owner} needs the entr{'y' if len(missing) == 1 else 'ies'} "
+                         f"{', '.join(map(repr, missing))} in its input{why}; missing (the input has "
+                         f"{', '.join(have[:20]) + (', ...' if len(have) > 20 else '') or 'no entries'})")
+    return found
+
+
+def get_entry(td, key: NestedKey, owner: str, *, floating: bool = False) -> Tensor:
+    """``td[key]``, refused by :func:`check_entries_present` when missing and by :func:`check_tensor` when not a
+    tensor (with ``floating``: not of a floating dtype), naming the key and ``owner``."""
+    value = check_entries_present(td, [key], owner)[key]
+    check_tensor(entry_name(key, owner), value, floating=floating)
+    return value
+
+
+def check_shape(name: str, x: Tensor, *allowed: Sequence[int | None], what: str) -> None:
+    """Refuse ``x`` unless its shape is one of ``allowed`` (``None``: any size there); ``what`` says the allowed
+    shapes in the docstrings' notation, e.g. ``"[*batch_size, K] = [4, K]"``.
+
+    >>> check_shape("x", torch.zeros(4), (4, None), what="[*batch_size, K] = [4, K]")
+    Traceback (most recent call last):
+    ...
+    ValueError: x must have shape [*batch_size, K] = [4, K], got (4,)
+    """
+    shape = tuple(x.shape)
+    for pattern in allowed:
+        if len(pattern) == len(shape) and all(p is None or p == n for p, n in zip(pattern, shape, strict=True)):
+            return
+    raise ValueError(f"{name} must have shape {what}, got {shape}")
+
+
+def draw_shape(dist) -> torch.Size:
+    """The shape of one draw of ``dist``, read off without drawing (a draw would consume the RNG)."""
+    from torchrl.modules import MaskedOneHotCategorical, OneHotCategorical  # torchrl only where a policy is
+
+    shape = dist.batch_shape + dist.event_shape
+    if isinstance(dist, (OneHotCategorical, MaskedOneHotCategorical)):
+        # TorchRL's one-hot categoricals subclass Categorical: they draw [..., A] rows but report no event shape.
+        shape = dist.logits.shape
+    return shape
+
+
+def check_draw_shape(name: str, x: Tensor, dist, what: str = "a draw of the policy") -> None:
+    """Refuse an action ``x`` that is not shaped like a draw of ``dist`` (an index of a categorical may carry a
+    trailing 1): ``log_prob`` and the costs would broadcast it against the batch without an error."""
+    expected = tuple(draw_shape(dist))
+    allowed = [expected]
+    if isinstance(dist, torch.distributions.Categorical) and len(expected) == len(dist.batch_shape):
+        allowed.append((*expected, 1))  # log_prob_per_sample squeezes it
+    if tuple(x.shape) not in allowed:  # the message only on failure: this runs every minibatch step
+        check_shape(name, x, *allowed, what=f"{' or '.join(str(list(a)) for a in allowed)} ({what})")
+
+
+def check_per_sample(name: str, x: Tensor, batch: Sequence[int]) -> None:
+    """Refuse ``x`` unless it holds one value per sample of a batch of shape ``batch``: ``[*batch]`` or
+    ``[*batch, 1]`` (any trailing 1s), as TorchRL writes advantages and log-probabilities."""
+    batch = tuple(batch)
+    if tuple(x.shape[:len(batch)]) != batch or x.numel() != math.prod(batch):
+        raise ValueError(f"{name} must hold one value per sample, shape {list(batch)} or {[*batch, 1]}, "
+                         f"got {tuple(x.shape)}")
 
 
 class Radius:

@@ -29,7 +29,18 @@ from torchrl_ot.dual import DualSolver
 from torchrl_ot.functional import DualSolution
 from torchrl_ot.keys import OTKeys, write_solution
 from torchrl_ot.loss.projection import TrustRegionProjection
-from torchrl_ot.validation import check_choice, check_epsilon
+from torchrl_ot.validation import (
+    check_choice,
+    check_draw_shape,
+    check_entries_present,
+    check_epsilon,
+    check_per_sample,
+    check_same_device,
+    check_shape,
+    check_tensor,
+    entry_name,
+    get_entry,
+)
 
 __all__ = ["OTTrustRegionLoss"]
 
@@ -258,11 +269,56 @@ class OTTrustRegionLoss(TrustRegionProjection, ActorCriticLoss, metaclass=_Setti
         return self.actor_network.build_dist_from_params(td.select(*self._dist_keys).detach())
 
     def _advantage(self, td: TensorDictBase) -> Tensor:
-        adv = td.get(self.tensor_keys.advantage)
-        if adv.numel() != td.numel():
-            raise ValueError(f"advantage must hold one value per sample (shape {tuple(td.shape)} or [..., 1]), "
-                             f"got {tuple(adv.shape)}")
+        key, owner = self.tensor_keys.advantage, type(self).__name__
+        # A floating dtype: solve_multiplier writes lam* etc. in the advantage's dtype (an integer lam* is wrong).
+        adv = get_entry(td, key, owner, floating=True)
+        check_per_sample(entry_name(key, owner), adv, td.batch_size)
         return adv.reshape(td.shape)
+
+    def _continuous_action(self, flat: TensorDictBase, dist) -> Tensor:
+        """The taken actions ``[n, d]``, refused unless floating and shaped like a draw of ``dist``: the costs
+        would broadcast ``[n]`` against ``[n, 1]`` (or ``[n, 1]`` against ``[n, d]``)."""
+        key, owner = self.tensor_keys.action, type(self).__name__
+        action = get_entry(flat, key, owner, floating=True)
+        check_draw_shape(entry_name(key, owner), action, dist, what="a draw of the policy, the batch flattened")
+        return action
+
+    def _input_keys(self) -> list[NestedKey]:
+        """What every step reads: the taken action and the networks' inputs."""
+        nets = [self.actor_network, self.critic_network]
+        nets += [self.advantage_network] if self._has_advantage_network else []
+        return list(dict.fromkeys([self.tensor_keys.action, *(k for net in nets for k in net.in_keys)]))
+
+    def _check_step_inputs(self, td: TensorDictBase) -> dict[str, Tensor]:
+        """Refuse, by key, a minibatch that :meth:`forward` would misread: a missing entry, a stored solution entry
+        (``ot_multiplier`` ...) not of a floating dtype or not shaped ``[*batch_size]`` (it would broadcast against
+        the per-sample terms). Returns the entries the loss reads itself, for the device check. No device sync:
+        this runs every minibatch step."""
+        keys, owner = self.tensor_keys, type(self).__name__
+        own = [keys.advantage, keys.value_target, keys.action, keys.multiplier, keys.split, keys.transport,
+               *self._needed_keys()]
+        found = check_entries_present(td, [*self._input_keys(), *own], owner)
+        entries = {repr(key): found[key] for key in own}
+        for key in own:
+            check_tensor(entry_name(key, owner), found[key])
+        for key in (keys.multiplier, keys.split, keys.transport):
+            x = found[key]
+            check_tensor(entry_name(key, owner), x, floating=True)
+            if x.shape != td.batch_size:
+                check_shape(entry_name(key, owner), x, tuple(td.batch_size),
+                            what=f"[*batch_size] = {list(td.batch_size)}, as solve_multiplier writes it")
+        return entries
+
+    def _check_critic_side(self, flat: TensorDictBase, critic_out: TensorDictBase, entries: dict[str, Tensor]) -> None:
+        """``value_target`` shaped like the critic's output (distance_loss would broadcast ``[n]`` against ``[n, 1]``
+        into ``[n, n]``), and the entries on the device the networks computed on."""
+        key, owner = self.tensor_keys.value_target, type(self).__name__
+        target = get_entry(flat, key, owner, floating=True)
+        value = critic_out.get(self.tensor_keys.value)
+        if target.shape != value.shape:
+            check_shape(entry_name(key, owner), target, tuple(value.shape),
+                        what=f"{list(value.shape)}, the critic's output (the batch flattened)")
+        check_same_device(**entries, **{"the critic's output": value})
 
     # ---------------------------------------------------------------------------------------------
     # step 4: solve for lam* once per collected batch
@@ -275,9 +331,12 @@ class OTTrustRegionLoss(TrustRegionProjection, ActorCriticLoss, metaclass=_Setti
         setting's own entries, plus pi_old's distribution parameters if absent. This is the one method that writes
         into its input. Returns the :class:`~torchrl_ot.functional.DualSolution` (computed in float64).
         """
-        keys = self.tensor_keys
+        keys, owner = self.tensor_keys, type(self).__name__
+        check_entries_present(tensordict, self._input_keys(), owner)
         self._check_entries(tensordict, self.in_keys)
         if tensordict.get(keys.advantage, None) is None:
+            check_entries_present(tensordict, self.in_keys, owner,
+                                  f" to estimate the advantage (there is no {keys.advantage!r})")
             self._estimate_advantage(tensordict)
         self._check_entries(tensordict, [keys.advantage])
         if tensordict.batch_size.numel() == 0:  # TensorDict.numel() is at least 1
@@ -307,6 +366,13 @@ class OTTrustRegionLoss(TrustRegionProjection, ActorCriticLoss, metaclass=_Setti
         ``ot_multiplier``, ``ot_split`` and ``ot_transport`` are the batch means of the stored lam*, t* and
         exact-update transport (compare the latter with epsilon); ``ot_active_fraction`` is the share of samples
         the objective moves (the setting's docstring says which).
+
+        Refused with a ``ValueError`` naming the entry (shape, dtype and device only: no device sync per step): a
+        missing entry; an advantage or stored solution entry not of a floating dtype; an advantage not one value
+        per sample, ``ot_multiplier`` / ``ot_split`` / ``ot_transport`` not ``[*batch_size]``, a ``value_target``
+        not shaped like the critic's output, actions not shaped like a draw of the policy, a setting's stored
+        entries not shaped as ``solve_multiplier`` writes them; entries on several devices. NaN or inf are refused
+        through the one check of the losses' values (and by :meth:`solve_multiplier`, once per batch).
         """
         keys = self.tensor_keys
         td = tensordict
@@ -316,11 +382,13 @@ class OTTrustRegionLoss(TrustRegionProjection, ActorCriticLoss, metaclass=_Setti
         if any(td.get(k, None) is None for k in needed):
             td = tensordict.clone(False)
             self.solve_multiplier(td)
+        entries = self._check_step_inputs(td)
         batch, flat = td.shape, td.reshape(-1)
         dist = self._current_dist(flat)
         lam = flat.get(keys.multiplier).detach()
         adv = self._advantage(flat).detach()
         critic_out = self._run("critic_network", flat)
+        self._check_critic_side(flat, critic_out, entries)
         objective, active, head_loss = self._objective(flat, dist, lam, adv, critic_out)
         critic = self._critic_loss(critic_out, flat).reshape(flat.shape) + (0 if head_loss is None else head_loss)
         losses = {"loss_objective": -objective, "loss_critic": self.critic_coeff * critic}

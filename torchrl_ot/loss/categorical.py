@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from tensordict import TensorDictBase
 from torch import Tensor
 from torchrl.objectives.utils import distance_loss
@@ -9,7 +10,7 @@ from torchrl.objectives.utils import distance_loss
 from torchrl_ot.functional import DualSolution, categorical_transport
 from torchrl_ot.loss.base import OTTrustRegionLoss
 from torchrl_ot.targets import MassSplittingTarget
-from torchrl_ot.validation import check_bool
+from torchrl_ot.validation import check_bool, check_shape, entry_name, get_entry, raise_first_failed
 
 __all__ = ["CategoricalOTLoss"]
 
@@ -95,6 +96,16 @@ class CategoricalOTLoss(OTTrustRegionLoss, policy="categorical", options={"advan
     def _candidates(self, flat: TensorDictBase, old, adv: Tensor) -> tuple[DualSolution, dict, Tensor]:
         keys, dtype = self.tensor_keys, flat.get(self.tensor_keys.advantage).dtype
         probs = old.probs.double()
+        # The taken actions are read only by the steps, which cannot check their values without a sync: once here.
+        index, rows = self._taken(flat, probs.shape[-1])
+        name = entry_name(keys.action, type(self).__name__)
+        if rows is None:
+            n = probs.shape[-1]
+            raise_first_failed([(((index >= 0) & (index < n)).all(),
+                                 lambda: f"{name} must hold action indices in [0, {n - 1}]")])
+        else:
+            raise_first_failed([(((rows == 0) | (rows == 1)).all() & (rows.sum(-1) == 1).all(),
+                                 lambda: f"{name} must hold one-hot rows (one 1 per row, 0 elsewhere)")])
         head = self._head(flat, probs.to(dtype)).double()
         solver_keys = self._solver.tensor_keys
         target, sol, transport = self._solver.solve(flat.empty().set(solver_keys.probs, probs)
@@ -103,17 +114,40 @@ class CategoricalOTLoss(OTTrustRegionLoss, policy="categorical", options={"advan
         # centring) and rebuilding the distribution there costs more than the step's loss.
         return sol, {keys.target_probs: target.to(dtype), keys.behaviour_probs: probs.to(dtype)}, transport
 
+    def _taken(self, flat: TensorDictBase, num_actions: int) -> tuple[Tensor, Tensor | None]:
+        """The taken actions as indices ``[n]``, and the one-hot rows they were read from (None for indices).
+
+        Stored as an index ``[n]`` / ``[n, 1]`` (Categorical) or a one-hot row ``[n, A]`` (OneHotCategorical);
+        anything else is refused by key, as is a floating or bool index (``.long()`` would truncate 0.7 to 0)."""
+        key, owner = self.tensor_keys.action, type(self).__name__
+        name = entry_name(key, owner)
+        action = get_entry(flat, key, owner)
+        n = flat.batch_size.numel()
+        if tuple(action.shape) not in ((n,), (n, 1), (n, num_actions)):  # the message only on failure: every step
+            check_shape(name, action, (n,), (n, 1), (n, num_actions),
+                        what=f"[{n}] or [{n}, 1] action indices, or [{n}, {num_actions}] one-hot rows (the batch "
+                             "flattened)")
+        if action.dim() == 2 and action.shape[-1] == num_actions > 1:
+            return action.argmax(-1), action
+        if action.is_floating_point() or action.dtype == torch.bool or action.is_complex():
+            raise ValueError(f"{name} must hold integer action indices (an integer dtype), got {action.dtype}")
+        return action.reshape(-1).long(), None
+
     def _objective(self, flat: TensorDictBase, dist, lam: Tensor, adv: Tensor, critic_out) -> tuple:
-        keys = self.tensor_keys
-        old_probs = flat.get(keys.behaviour_probs).detach()
-        target = flat.get(keys.target_probs).detach()
-        objective = -(dist.probs - target).pow(2).sum(-1)
+        keys, owner = self.tensor_keys, type(self).__name__
+        probs = dist.probs
+        stored = {}
+        for key in (keys.behaviour_probs, keys.target_probs):
+            # [n, 1] would broadcast against pi_theta's [n, A] in the squared distance without an error.
+            x = stored[key] = get_entry(flat, key, owner, floating=True).detach()
+            if x.shape != probs.shape:
+                check_shape(entry_name(key, owner), x, tuple(probs.shape),
+                            what=f"[n, A] = {list(probs.shape)}, the policy's (the batch flattened)")
+        old_probs, target = stored[keys.behaviour_probs], stored[keys.target_probs]
+        objective = -(probs - target).pow(2).sum(-1)
         active = (target - old_probs).abs().amax(-1) > 1e-6
         head = self._head(flat, old_probs, critic_out if self._head_name == "critic_network" else None)
-        # The taken action is stored as an index [B] / [B, 1] (Categorical) or one-hot [B, A] (OneHotCategorical).
-        action = flat.get(keys.action)
-        one_hot = action.dim() == 2 and action.shape[-1] == head.shape[-1] > 1
-        index = action.argmax(-1) if one_hot else action.reshape(-1).long()
+        index, _ = self._taken(flat, head.shape[-1])
         taken = head.gather(-1, index.unsqueeze(-1)).squeeze(-1)
         return objective, active, distance_loss(taken, adv, self.loss_critic_type)
 

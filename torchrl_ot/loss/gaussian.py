@@ -10,7 +10,14 @@ from torchrl_ot._actor_critic import log_prob_per_sample
 from torchrl_ot.costs import EuclideanCost
 from torchrl_ot.functional import DualSolution, gaussian_transport_bound
 from torchrl_ot.loss.base import OTTrustRegionLoss
-from torchrl_ot.validation import check_bool, check_real
+from torchrl_ot.validation import (
+    check_bool,
+    check_entries_present,
+    check_real,
+    check_shape,
+    entry_name,
+    get_entry,
+)
 
 __all__ = ["GaussianOTLoss", "GaussianTransportMixin"]
 
@@ -111,7 +118,7 @@ class GaussianOTLoss(GaussianTransportMixin, OTTrustRegionLoss, policy="gaussian
 
     def _candidates(self, flat: TensorDictBase, old, adv: Tensor) -> tuple[DualSolution, dict, None]:
         # Candidates [a_b, m_old(s_b)]: advantages [A_b, 0], costs [c(m_old, a_b), 0].
-        action, written = flat.get(self.tensor_keys.action), {}
+        action, written = self._continuous_action(flat, old), {}
         zero = torch.zeros_like(adv)
         mean = _deterministic(old)
         cand_adv = torch.stack([adv, zero], -1)
@@ -126,9 +133,15 @@ class GaussianOTLoss(GaussianTransportMixin, OTTrustRegionLoss, policy="gaussian
     def _objective(self, flat: TensorDictBase, dist, lam: Tensor, adv: Tensor, critic_out) -> tuple:
         # The hinge of step 5 case 3: max(A_b - lam* c(m_theta(s_b), a_b), 0).
         mean = _deterministic(dist)
-        term = adv - lam * self.cost(mean, flat.get(self.tensor_keys.action))
+        action = self._continuous_action(flat, dist)
+        term = adv - lam * self.cost(mean, action)
         if self.mirror:  # ... and the mirrored candidate: max(., -A_b - lam* c(m_theta, image_b))
-            term = torch.maximum(term, -adv - lam * self.cost(mean, flat.get(self.tensor_keys.candidates)))
+            key, owner = self.tensor_keys.candidates, type(self).__name__
+            image = get_entry(flat, key, owner, floating=True)
+            if image.shape != action.shape:
+                check_shape(entry_name(key, owner), image, tuple(action.shape),
+                            what=f"{list(action.shape)}, that of the actions (one mirror image per action)")
+            term = torch.maximum(term, -adv - lam * self.cost(mean, image))
         objective = term.clamp_min(0)
         if self.learn_scale:
             objective = objective + self._spread_surrogate(flat, dist, adv)
@@ -137,12 +150,20 @@ class GaussianOTLoss(GaussianTransportMixin, OTTrustRegionLoss, policy="gaussian
     def _spread_surrogate(self, flat: TensorDictBase, dist, adv: Tensor) -> Tensor:
         """PPO's clipped surrogate ``[n]`` with the ratio of the std alone (the behaviour's loc, the current scale)."""
         loc_key, scale_key = self._dist_keys
-        old_loc = flat.get(loc_key).detach()
+        owner = type(self).__name__
+        check_entries_present(flat, self._dist_keys, owner, " for learn_scale (pi_old's parameters, recorded by "
+                                                            "solve_multiplier)")
+        old_loc = get_entry(flat, loc_key, owner, floating=True).detach()
         _, scale = _gaussian_params(dist)
+        # The spread's ratio pairs each stored loc with the current scale: any other shape would pair them wrongly.
+        if old_loc.shape != scale.shape:
+            check_shape(entry_name(loc_key, owner), old_loc, tuple(scale.shape),
+                        what=f"{list(scale.shape)}, the current policy's scale")
         spread = self.actor_network.build_dist_from_params(
             TensorDict({loc_key: old_loc, scale_key: scale.reshape(old_loc.shape)}, batch_size=flat.batch_size))
         n = flat.numel()
         old = self.actor_network.build_dist_from_params(flat.select(*self._dist_keys).detach())
+        self._check_log_prob(flat, owner)
         ratio = torch.exp(log_prob_per_sample(spread, flat.get(self.tensor_keys.action), n)
                           - self._old_log_prob(flat, old))
         adv = adv.to(ratio.dtype)

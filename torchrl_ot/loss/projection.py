@@ -14,7 +14,19 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from torchrl_ot._actor_critic import get_flat_params, log_prob_per_sample, set_flat_params
-from torchrl_ot.validation import check_positive_int, check_real
+from torchrl_ot.validation import (
+    check_draw_shape,
+    check_entries_present,
+    check_per_sample,
+    check_positive_int,
+    check_real,
+    check_same_device,
+    check_tensor,
+    draw_shape,
+    entry_name,
+    finite_checks,
+    raise_first_failed,
+)
 
 __all__ = ["TrustRegionProjection"]
 
@@ -26,6 +38,29 @@ class TrustRegionProjection:
         if not all(tensordict.get(k, None) is not None for k in self._dist_keys):
             raise ValueError(f"{name} needs pi_old's parameters {self._dist_keys} in the batch: call "
                              "solve_multiplier on it before the update")
+        check_entries_present(tensordict, self.actor_network.in_keys, f"{type(self).__name__}.{name}")
+        if tensordict.batch_size.numel() == 0:
+            raise ValueError(f"{name} got an empty batch")
+
+    def _behaviour_and_current(self, flat: TensorDictBase, name: str):
+        """pi_old from the recorded parameters and pi_theta, refused by key when the recorded parameters are not
+        floating, finite (once per batch: this syncs) or shaped for the current policy (the transport bound and the
+        ratios would broadcast them against it)."""
+        owner = f"{type(self).__name__}.{name}"
+        params = {key: flat.get(key) for key in self._dist_keys}
+        checks = []
+        for key, x in params.items():
+            check_tensor(entry_name(key, owner), x, floating=True)
+            checks += finite_checks(x, entry_name(key, owner))
+        check_same_device(**{repr(k): x for k, x in params.items()})
+        raise_first_failed(checks)
+        old = self.actor_network.build_dist_from_params(flat.select(*self._dist_keys))
+        new = self._current_dist(flat)
+        if draw_shape(old) != draw_shape(new):
+            raise ValueError(f"pi_old's parameters {self._dist_keys} (input of {owner}) give draws of shape "
+                             f"{list(draw_shape(old))}, the current policy {list(draw_shape(new))}: they must be "
+                             "the ones solve_multiplier recorded for this actor")
+        return old, new
 
     @torch.no_grad()
     def realised_transport(self, tensordict: TensorDictBase) -> Tensor:
@@ -39,9 +74,8 @@ class TrustRegionProjection:
         one (a value <= epsilon then still proves the update inside). Returns a float64 scalar.
         """
         self._check_behaviour(tensordict, "realised_transport")
-        flat = tensordict.reshape(-1)
-        old = self.actor_network.build_dist_from_params(flat.select(*self._dist_keys))
-        return self._transport(old, self._current_dist(flat)).mean()
+        old, new = self._behaviour_and_current(tensordict.reshape(-1), "realised_transport")
+        return self._transport(old, new).mean()
 
     @torch.no_grad()
     def project_into_trust_region(self, tensordict: TensorDictBase, theta_old: Tensor, *,
@@ -79,9 +113,11 @@ class TrustRegionProjection:
             raise ValueError(f"boundary_trial must be True or False, got {boundary_trial!r}")
         params = self._actor_params()
         theta_new = get_flat_params(params)
+        check_tensor("theta_old", theta_old, floating=True)
         if theta_old.shape != theta_new.shape:
             raise ValueError(f"theta_old must be the actor's flat parameters ({theta_new.numel()} entries, from "
                              f"actor_parameters()), got shape {tuple(theta_old.shape)}")
+        check_same_device(theta_old=theta_old, **{"the actor's parameters": theta_new})
         for name, theta in (("theta_old", theta_old), ("the actor's parameters", theta_new)):
             if not bool(torch.isfinite(theta).all()):  # neither end of the step may bring a NaN in
                 raise ValueError(f"{name} contain NaN or inf; refusing to project a NaN update")
@@ -115,10 +151,29 @@ class TrustRegionProjection:
         self._check_behaviour(tensordict, "surrogate")
         flat = tensordict.reshape(-1)
         n = flat.numel()
-        old = self.actor_network.build_dist_from_params(flat.select(*self._dist_keys))
-        logp = log_prob_per_sample(self._current_dist(flat), flat.get(self.tensor_keys.action), n)
+        old, new = self._behaviour_and_current(flat, "surrogate")
+        logp = log_prob_per_sample(new, self._checked_action(flat, new, "surrogate"), n)
+        self._check_log_prob(flat, f"{type(self).__name__}.surrogate")
         ratio = torch.exp(logp - self._old_log_prob(flat, old))
         return (ratio * self._advantage(flat).detach()).double().mean()
+
+    def _checked_action(self, flat: TensorDictBase, dist, name: str) -> Tensor:
+        """The taken actions, refused by key unless shaped like a draw of ``dist``: ``log_prob`` would broadcast
+        ``[n]`` against ``[n, 1]`` into ``[n, n]`` and sum it."""
+        key, owner = self.tensor_keys.action, f"{type(self).__name__}.{name}"
+        check_entries_present(flat, [key], owner)
+        action = flat.get(key)
+        check_tensor(entry_name(key, owner), action)
+        check_draw_shape(entry_name(key, owner), action, dist, what="a draw of the policy, the batch flattened")
+        return action
+
+    def _check_log_prob(self, flat: TensorDictBase, owner: str) -> None:
+        """The stored ``sample_log_prob``, when there is one, must be floating with one value per sample."""
+        stored = flat.get(self.tensor_keys.sample_log_prob, None)
+        if stored is not None:
+            name = entry_name(self.tensor_keys.sample_log_prob, owner)
+            check_tensor(name, stored, floating=True)
+            check_per_sample(name, stored, flat.batch_size)
 
     def _extend(self, tensordict: TensorDictBase, params, theta_old: Tensor, theta_new: Tensor, moved: Tensor,
                 coeff: float, max_extension: float) -> tuple[Tensor, float, float]:

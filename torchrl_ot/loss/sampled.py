@@ -10,7 +10,7 @@ from torchrl.objectives.utils import distance_loss
 from torchrl_ot.functional import DualSolution
 from torchrl_ot.loss.base import OTTrustRegionLoss
 from torchrl_ot.loss.gaussian import GaussianTransportMixin
-from torchrl_ot.validation import check_positive_int
+from torchrl_ot.validation import check_positive_int, check_shape, entry_name, get_entry
 
 __all__ = ["SampledOTLoss"]
 
@@ -49,7 +49,7 @@ class SampledOTLoss(GaussianTransportMixin, OTTrustRegionLoss, policy="sampled",
 
     def _candidates(self, flat: TensorDictBase, old, adv: Tensor) -> tuple[DualSolution, dict, None]:
         keys, dtype, n = self.tensor_keys, flat.get(self.tensor_keys.advantage).dtype, flat.numel()
-        action = flat.get(keys.action)
+        action = self._continuous_action(flat, old)
         # K draws from pi_old plus a_b itself (cost 0 from a_b: the dual is always feasible).
         cands = torch.cat([old.sample((self.num_candidates,)).transpose(0, 1), action.unsqueeze(1)], 1)
         k = cands.shape[1]
@@ -62,9 +62,19 @@ class SampledOTLoss(GaussianTransportMixin, OTTrustRegionLoss, policy="sampled",
         return self._solve_candidates(cand_adv, cost), written, None
 
     def _objective(self, flat: TensorDictBase, dist, lam: Tensor, adv: Tensor, critic_out) -> tuple:
-        cands = flat.get(self.tensor_keys.candidates)
-        term = flat.get(self.tensor_keys.candidate_advantage).detach() - lam.unsqueeze(-1) * self.cost.to_candidates(
-            dist.rsample(), cands)
+        keys, owner = self.tensor_keys, type(self).__name__
+        action = self._continuous_action(flat, dist)
+        n, d = action.shape[0], action.shape[-1]
+        cands = get_entry(flat, keys.candidates, owner, floating=True)
+        if cands.dim() != 3 or cands.shape[0] != n or cands.shape[-1] != d:  # the message only on failure
+            check_shape(entry_name(keys.candidates, owner), cands, (n, None, d),
+                        what=f"[n, K, d] = [{n}, K, {d}] (the batch flattened), as solve_multiplier writes it")
+        cand_adv = get_entry(flat, keys.candidate_advantage, owner, floating=True)
+        # [n, 1] would broadcast against the [n, K] costs without an error.
+        if cand_adv.shape != cands.shape[:2]:
+            check_shape(entry_name(keys.candidate_advantage, owner), cand_adv, tuple(cands.shape[:2]),
+                        what=f"[n, K] = {list(cands.shape[:2])}, one per candidate of {keys.candidates!r}")
+        term = cand_adv.detach() - lam.unsqueeze(-1) * self.cost.to_candidates(dist.rsample(), cands)
         objective, best = term.max(-1)
         active = best != cands.shape[1] - 1  # pulled towards a candidate other than its own action
         return objective, active, distance_loss(self._head(flat), adv, self.loss_critic_type)
