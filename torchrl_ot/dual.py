@@ -20,6 +20,7 @@ from torchrl_ot.validation import (
     entry_name,
     finite_checks,
     get_entry,
+    get_sample_weight,
     raise_first_failed,
 )
 
@@ -140,7 +141,6 @@ class DualSolver(KeyedModule):
         keys, owner = self.tensor_keys, type(self).__name__
         adv = get_entry(td, keys.advantage, owner, floating=True)
         cost = get_entry(td, keys.cost, owner, floating=True)
-        weight = td.get(keys.weight, None)
         batch = tuple(td.batch_size)
         dims = ", ".join([*map(str, batch), "K"])
         check_shape(entry_name(keys.advantage, owner), adv, (*batch, None), what=f"[*batch_size, K] = [{dims}]")
@@ -153,11 +153,7 @@ class DualSolver(KeyedModule):
         tensors = {repr(keys.advantage): adv, repr(keys.cost): cost}
         checks = finite_checks(adv, entry_name(keys.advantage, owner))
         checks += finite_checks(cost, entry_name(keys.cost, owner), nonneg=True)
-        if weight is not None:
-            weight = get_entry(td, keys.weight, owner, floating=True)
-            check_shape(entry_name(keys.weight, owner), weight, batch, what=f"[*batch_size] = {list(batch)}")
-            tensors[repr(keys.weight)] = weight
-            checks += finite_checks(weight, entry_name(keys.weight, owner), nonneg=True)
+        weight = get_sample_weight(td, keys.weight, owner, batch, tensors, checks)
         check_same_device(**tensors)
         # Once per batch, like the solve itself (which syncs anyway): one sync for every value check.
         raise_first_failed(checks)

@@ -20,6 +20,7 @@ from torchrl_ot.validation import (
     entry_name,
     finite_checks,
     get_entry,
+    get_sample_weight,
     raise_first_failed,
     simplex_checks,
 )
@@ -124,12 +125,8 @@ class MassSplittingTarget(KeyedModule):
         tensors = {repr(keys.probs): probs, repr(keys.action_advantage): adv}
         checks = simplex_checks(probs, entry_name(keys.probs, owner))
         checks += finite_checks(adv, entry_name(keys.action_advantage, owner))
-        weight = td.get(keys.state_weight, None)
-        if weight is not None:
-            weight = get_entry(td, keys.state_weight, owner, floating=True).detach()
-            check_shape(entry_name(keys.state_weight, owner), weight, batch, what=f"[*batch_size] = {list(batch)}")
-            tensors[repr(keys.state_weight)] = weight
-            checks += finite_checks(weight, entry_name(keys.state_weight, owner), nonneg=True)
+        weight = get_sample_weight(td, keys.state_weight, owner, batch, tensors, checks)
+        weight = None if weight is None else weight.detach()
         check_same_device(**tensors)
         # Once per batch, like the solve itself: one device sync for every value check.
         raise_first_failed(checks)

@@ -239,6 +239,19 @@ def check_entries_present(td, keys: Iterable[NestedKey], owner: str, why: str = 
     return found
 
 
+def get_sample_weight(td, key: NestedKey, owner: str, batch: tuple[int, ...], tensors: dict, checks: list):
+    """The optional per-sample weight ``td[key]`` (None if absent): floating, ``[*batch_size]``; it is added to
+    ``tensors`` (for :func:`check_same_device`) and its finite, non-negative checks to ``checks`` (for
+    :func:`raise_first_failed`)."""
+    if td.get(key, None) is None:
+        return None
+    weight = get_entry(td, key, owner, floating=True)
+    check_shape(entry_name(key, owner), weight, batch, what=f"[*batch_size] = {list(batch)}")
+    tensors[repr(key)] = weight
+    checks += finite_checks(weight, entry_name(key, owner), nonneg=True)
+    return weight
+
+
 def get_entry(td, key: NestedKey, owner: str, *, floating: bool = False) -> Tensor:
     """``td[key]``, refused by :func:`check_entries_present` when missing and by :func:`check_tensor` when not a
     tensor (with ``floating``: not of a floating dtype), naming the key and ``owner``."""
