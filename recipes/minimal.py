@@ -36,10 +36,7 @@ buffer = ReplayBuffer(storage=LazyTensorStorage(2048), sampler=SamplerWithoutRep
 
 for i, batch in enumerate(collector):
     with torch.no_grad():
-        loss.value_estimator(batch)                      # advantages (GAE) once per batch
-    adv = batch["advantage"]
-    batch["advantage"] = (adv - adv.mean()) / adv.std().clamp_min(1e-8)
-    sol = loss.solve_multiplier(batch)                   # lambda* (eq. 12), exactly, once per batch
+        loss.value_estimator(batch)  # GAE, standardised over the batch, then lambda* (eq. 12) solved exactly, once
     buffer.extend(batch.reshape(-1))
     for _ in range(10 * 32):                             # 10 epochs of 32 minibatches on the fixed lambda*
         out = loss(buffer.sample())
@@ -49,4 +46,5 @@ for i, batch in enumerate(collector):
         optim.step()
     done = batch["next", "done"]
     ret = batch["next", "episode_reward"][done].mean().item() if done.any() else float("nan")
-    print(f"batch {i}: return {ret:8.1f}  lambda* {sol.multiplier.item():.3f}  transport {sol.transport.item():.3f}")
+    lam, transport = batch["ot_multiplier"].mean().item(), batch["ot_transport"].mean().item()
+    print(f"batch {i}: return {ret:8.1f}  lambda* {lam:.3f}  transport {transport:.3f}")

@@ -43,3 +43,30 @@ def test_cost_snippet_gives_the_documented_costs():
     for line, value in zip(costs, expected, strict=True):
         exec(line, scope)
         assert scope["cost"](a, b).item() == pytest.approx(value)
+
+
+def test_swap_page_shows_the_swapped_script_verbatim():
+    assert (ROOT / "recipes" / "torchrl_ppo_swap.py").read_text() in _python_blocks("torchrl_swap.md")
+
+
+def test_swapped_torchrl_loop_trains_two_batches():
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "torchrl_ppo_swap.py"), "4096"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("batch ")]
+    assert len(lines) == 2
+    for line in lines:  # the hook solved lambda* on every batch: binding, the exact update moves epsilon
+        assert float(re.search(r"lambda\* ([0-9.]+)", line).group(1)) > 0
+        assert float(re.search(r"transport ([0-9.]+)", line).group(1)) == pytest.approx(0.3, rel=1e-3)
+
+
+def test_swap_page_shows_the_trainer_script_verbatim():
+    assert (ROOT / "recipes" / "trainer_pendulum.py").read_text() in _python_blocks("torchrl_swap.md")
+
+
+def test_trainer_script_trains_one_batch_and_checkpoints(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "trainer_pendulum.py"), "2048", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "lambda* solved 1 times" in proc.stdout
+    assert (tmp_path / "trainer.pt").exists() and list(tmp_path.rglob("ot_multiplier.csv"))

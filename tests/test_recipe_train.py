@@ -141,6 +141,15 @@ def test_step_extension_lengthens_steps_and_keeps_them_inside(tmp_path):
     assert any(f > 1 for f in fractions)  # some fitted step was lengthened
 
 
+def test_natural_step_keeps_every_update_inside_near_the_radius(tmp_path):
+    proc = _run("env=Pendulum-v1", *_tiny(), "algo.actor_update=natural", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scalars = tmp_path / "logs" / "scalars"
+    realised = [v for _, v in _csv(scalars / "realised_transport_over_epsilon.csv")]
+    assert len(realised) == 4 and all(v <= 1 + 1e-9 for v in realised)
+    assert sum(realised) / 4 > 0.5  # the step is sized for the radius (the epochs' fit: 0.1-0.3 here)
+
+
 def test_learned_scale_moves_the_std_inside_the_radius_and_epsilon_with_it(tmp_path):
     proc = _run("env=Pendulum-v1", *_tiny(), "algo.learn_scale=true", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -315,3 +324,14 @@ if __name__ == "__main__" and "--record" in sys.argv:
             recorded[f"{env}/{algo}/{policy}"] = _numbers(Path(tmp))
     NUMBERS.write_text(json.dumps(recorded, indent=1) + "\n")
     print(f"wrote {NUMBERS}")
+
+
+def test_joblib_multirun_of_two_seeds(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")  # the `launchers` extra (.ci/setup installs it)
+    proc = subprocess.run([sys.executable, str(RECIPE), "-m", "progress=false", "hydra/launcher=joblib",
+                           "hydra.launcher.n_jobs=2", "seed=3,4", "env=Pendulum-v1", *_tiny(),
+                           f"hydra.sweep.dir={tmp_path}"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = sorted(tmp_path.rglob("summary.json"))
+    assert [json.loads(p.read_text())["seed"] for p in summaries] == [3, 4]

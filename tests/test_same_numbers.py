@@ -77,7 +77,9 @@ def _build(policy: str, head_in_critic: bool = False, **kwargs) -> OTTrustRegion
         cost = EuclideanCost()
         if policy == "sampled":
             head = TensorDictModule(_ObsAction(), ["observation", "action"], ["action_advantage"])
-    return OTTrustRegionLoss(actor, critic, cost=cost, epsilon=0.05, policy=policy, advantage_network=head, **kwargs)
+    # The numbers were recorded on the raw advantages (normalisation in solve_multiplier came later, off here).
+    return OTTrustRegionLoss(actor, critic, cost=cost, epsilon=0.05, policy=policy, advantage_network=head,
+                             normalize_advantage=False, **kwargs)
 
 
 def _batch(policy: str) -> TensorDict:

@@ -8,20 +8,113 @@ Part (b): a property-based sweep (hypothesis, bounded and derandomised) over the
 agrees with an independent reference: numpy in float64 for the costs, and for the dual the minimum of
 G over 0 and every breakpoint (G is convex and piecewise linear) plus, for small well-scaled problems,
 ``scipy.optimize.linprog`` on the primal, as in ``tests/test_functional.py``.
+Part (c): every property can fail: a realistic bug seeded with ``monkeypatch`` into the code under test, and
+the property, run with its own settings and examples (only the shrinking left out), fails on it.
+
+The properties run in CI (``.ci/run`` runs every test). "cases" is the property's ``max_examples``, the number
+of valid examples per run (``--hypothesis-show-statistics`` counts them; draws that overrun hypothesis's buffer
+come on top). Derandomised: every run draws the same cases. dtypes: float16, bfloat16, float32 and float64 in
+every property (for the losses, the advantage's). ``*``: in ``tests/test_module_validation.py``.
+
+====================  =====  ============================================  =============================================
+test_sweep_...        cases  input classes generated                       outcome required
+====================  =====  ============================================  =============================================
+continuous_costs      150    EuclideanCost(p in .3, .5, 1, 1.5, 2, 3) and  NaN/inf in a: ValueError "a must be finite"
+                             L1Cost; d = 1..4; a with 0-2 leading dims of  (in b, inf once cast: "b must be finite");
+                             1..3, b the same, 1s (broadcast) or one more  finite inputs: ValueError "overflows" only
+                             dim; values 1e-30..1e30 (float16: half        where |a - b| or the cost reach max/16 of the
+                             within its range), normal, integer ties, all  dtype, else the broadcast shape in the dtype,
+                             equal or all 0; 1 in 10: one entry of a NaN,  finite, >= 0, within 8 (d + 2) eps max(p, 1)
+                             +-inf or -1; 1 in 5: b = a (distance 0, the   of numpy in float64; backward never NaN, 0
+                             kink)                                         where a == b
+
+discrete_costs        150    DiscreteMetricCost, IndexDistanceCost(p in    negative, fractional or (MatrixCost) >= N
+                             .5, 1, 2), MatrixCost (random, zero           indices: ValueError naming a ("a must hold
+                             diagonal), CallableCost(discrete=True); N =   integer", "a holds action indices outside");
+                             1..5 actions (N = 1 degenerate); index        else equal (rtol 1e-6) to numpy's |i - j|^p
+                             shapes () to 2 dims of 1..4; i in -1..N, j    or matrix entry; matrix(N) finite
+                             in 0..N-1; integer or floating indices, 1 in
+                             10 fractional (+0.5)
+
+callable_cost_        150    B, d = 1..4; the callable returns [B]         all but the right one: ValueError; [B]: equal
+output_shape                 (right), [B, d] (forgot the sum), a scalar,   to d
+                             [2, B], an int tensor or None: the 96
+                             combinations, all run (hypothesis then
+                             stops)
+
+solve_dual            400    B in 1, 2, 3, 5 (B = 1 twice as often); K =   NaN/inf, negative cost or weight, epsilon not
+                             1..4 (K = 1 degenerate); advantage, cost and  representable: ValueError starting with the
+                             weight drawn as for the costs (1e-30..1e30,   first bad argument (advantage, cost, weight,
+                             ties, all equal, all 0; 1 in 10 one NaN,      epsilon); "infeasible" only if sum_b w_b
+                             +-inf or -1 entry); a zero-cost candidate at  min_k c_bk > epsilon; "overflows" only at
+                             the worst action, at random or none           max/64 of the dtype, "underflows" only for a
+                             (infeasible); weights raw, normalised, all 0  lam* below its smallest normal number; else
+                             or the first 0; in half the cases advantages  every field finite, 0-dim, in the dtype, lam*
+                             rescaled to the costs' scale; epsilon 1e-6    >= 0, 0 <= t* <= 1, G(lam*) and G at the
+                             .. 1.5 times the greedy step's transport      returned lam* within 64 eps (of the problem's
+                             (binding, barely not) in 2 of 3 cases, else   scale) of numpy's minimum over 0 and every
+                             1e-30..1e30                                   breakpoint, small well-scaled float64
+                                                                           problems within 1e-7 of scipy's linprog;
+                                                                           transport_plan [B, K], rows summing to 1; K
+                                                                           -+ 1 candidates: ValueError "num_candidates"
+
+dual_objective        150    the problems of test_sweep_solve_dual, and    an invalid problem: ValueError naming its
+                             lam: any float (NaN, +-inf, subnormal,        first bad argument; then a bool, NaN, inf,
+                             negative), 0, -0.0, 0.5, 1, True,             negative or overflowing lam (in the dtype):
+                             1e-21..1e21                                   ValueError "lam"; "overflows" only at max/64
+                                                                           of the dtype; else finite, numpy's G(lam)
+                                                                           within 64 eps
+
+solver_modules *      100    DualSolver, MassSplittingTarget (metric or    the first bad entry: ValueError "'<key>'
+                             index cost, split or WPO); batch_size 1-2     (input of <module>) must"; DualSolver: the
+                             dims of 1..3 (B = 1 included); K, A = 1..4;   very numbers (or refusal) of solve_dual on
+                             values 1e-6..1e6 (float16: inf at the top),   the flattened batch; MassSplittingTarget:
+                             1 in 5 ties and zeros; weight absent          rows on the simplex, expected advantage not
+                             (uniform) or given (1 in 5 with a 0); probs   below pi_old's, exact OT
+                             softmax, one-hot or uniform; 1 in 6 costs     (categorical_transport) <= written
+                             without a zero-cost candidate; 1 in 3: one    ot_transport <= epsilon (split)
+                             entry NaN, +-inf or -1
+
+losses *              100    OTTrustRegionLoss gaussian (mirror or not),   ValueError starting with the spoiled key
+                             categorical (split or WPO), sampled;          (-inf logits, a masked action, are valid);
+                             batch_size 1-2 dims of 1..3; advantage        else finite losses and diagnostics, finite
+                             dtype, scale 1e-3..1e3; pi_old's              gradients from backward, ot_transport <=
+                             loc/scale/logits stored; spoiled as the       epsilon (split)
+                             batch arrives, before solve_multiplier or
+                             after it; 2 in 3: one NaN or +-inf in
+                             advantage, observation, value_target,
+                             action, loc/scale/logits (before the solve)
+                             or ot_multiplier (after)
+====================  =====  ============================================  =============================================
+
+The seeded bugs, each caught by the property's assertion named:
+
+* continuous costs: no value check at all (a NaN action gives a NaN cost: "finite"); the inputs' check dropped
+  (a NaN in a refused as an overflow of finite inputs: "a must be finite"); the Euclidean cost through plain
+  autograd (NaN gradient at a == b);
+* discrete costs: the index range check dropped (index -1 reads the matrix's last column: "invalid, no error");
+* callable cost output: the shape check dropped ([B, d] accepted);
+* solve_dual: lam* 1% too large (G at the returned lam* above the minimum);
+* dual_objective: the lam * epsilon term left out (off numpy's G);
+* solver modules: DualSolver ignoring ``ot_weight`` (not solve_dual's numbers; a NaN weight accepted);
+* losses: the check of pi_old's stored parameters dropped (a NaN ``logits`` refused under the name 'probs').
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linprog
 
+import torchrl_ot.costs
 from torchrl_ot.costs import (
     CallableCost,
     DiscreteMetricCost,
@@ -29,6 +122,7 @@ from torchrl_ot.costs import (
     IndexDistanceCost,
     L1Cost,
     MatrixCost,
+    TransportCost,
 )
 from torchrl_ot.functional import (
     categorical_transport,
@@ -44,6 +138,7 @@ F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float6
 DTYPES = (F16, BF16, F32, F64)
 SWEEP = settings(max_examples=150, deadline=None, derandomize=True,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+DUAL_SWEEP = settings(SWEEP, max_examples=400)
 
 
 def _hinge():
@@ -180,6 +275,25 @@ def test_solve_dual_overflowing_crossing_is_not_dropped():
     cost = torch.tensor([[2.0, 0.0, 3.0], [0.0, 1.0, 5.0]])
     with pytest.raises(ValueError, match="overflows"):
         solve_dual(adv, cost, torch.tensor([0.5, 0.5]), 0.6)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_solve_dual_underflowing_multiplier_is_refused(dtype):
+    """Found by the sweep run with random seeds: lam* = 1e-30 / 5e22 = 2e-53 > 0 is 0 in float32 / bfloat16.
+
+    The greedy step moves 5e22 * 7.5e8 > epsilon, so lam* > 0; lam* = 0 came back instead, with the split and
+    indices of lam* > 0: a solution with no trust region (``active`` False) and G(0) far above G(lam*). A lam*
+    in the subnormal range (here 1.2e-41) kept a few bits: G(lam*) off by 2e-5, relative, in float32.
+    """
+    adv = torch.tensor([[1.7e-31, 1.2e-30]], dtype=dtype)
+    cost = torch.tensor([[0.0, 5e22]], dtype=dtype)
+    with pytest.raises(ValueError, match="lam\\* underflows"):
+        solve_dual(adv, cost, torch.tensor([7.5e8], dtype=dtype), 3.7e21)
+    sol = solve_dual(adv.double(), cost.double(), torch.tensor([7.5e8], dtype=F64), 3.7e21)
+    assert 0 < sol.multiplier.item() < 1e-50
+    with pytest.raises(ValueError, match="lam\\* underflows"):   # subnormal
+        solve_dual(torch.tensor([[3.5e-12, 8.2e-12, 3.3e-12]], dtype=dtype),
+                   torch.tensor([[7.9e28, 4.1e29, 0.0]], dtype=dtype), torch.ones(1, dtype=dtype), 4.0e29)
 
 
 @pytest.mark.parametrize("n", [3, 1, 0, -1, 1.5, "2"])
@@ -342,8 +456,14 @@ def test_sweep_continuous_costs(case):
     try:
         out = cost(a, b)
     except ValueError as err:
-        valid = np.isfinite(a64).all() and np.isfinite(b64).all()
-        assert not valid or max(inner, np.max(ref, initial=0)) >= _max_of(dtype) / 16, (str(err), a64, b64)
+        msg = str(err)
+        if not np.isfinite(a64).all():   # a is checked first
+            assert msg.startswith("a must be finite"), msg
+        elif not np.isfinite(b64).all():   # finite as drawn, inf in float16
+            assert msg.startswith("b must be finite"), msg
+        else:
+            assert "overflows" in msg, msg
+            assert max(inner, np.max(ref, initial=0)) >= _max_of(dtype) / 16, (msg, a64, b64)
         return
     assert out.dtype == dtype and out.shape == ref.shape
     got = out.detach().double().numpy()
@@ -400,6 +520,7 @@ def test_sweep_discrete_costs(case):
         out = cost(i, j)
     except ValueError as err:
         assert invalid, str(err)
+        assert re.match(r"a (must hold integer|holds action indices outside)", str(err)), str(err)   # i is a
         return
     assert not invalid
     if ref_m is None:
@@ -410,8 +531,12 @@ def test_sweep_discrete_costs(case):
     assert torch.isfinite(cost.matrix(n)).all()
 
 
+_CALLABLE_ARGS = (st.integers(1, 4), st.integers(1, 4), st.sampled_from(["right", "dim", "scalar", "extra", "int",
+                                                                         "none"]))
+
+
 @SWEEP
-@given(st.integers(1, 4), st.integers(1, 4), st.sampled_from(["right", "dim", "scalar", "extra", "int", "none"]))
+@given(*_CALLABLE_ARGS)
 def test_sweep_callable_cost_output_shape(B, d, kind):
     outs = {"right": lambda x: x.sum(-1), "dim": lambda x: x, "scalar": lambda x: x.sum(),
             "extra": lambda x: x.sum(-1)[None].expand(2, -1), "int": lambda x: x.sum(-1).long(),
@@ -505,6 +630,14 @@ def _dual_case(draw):
     return dtype, adv, cost, w, eps
 
 
+def _first_bad(adv, cost, w, eps) -> str:
+    """The argument a refusal of the dual's inputs must name: the first invalid one in the order checked."""
+    for name, x, nonneg in (("advantage", adv, False), ("cost", cost, True), ("weight", w, True)):
+        if not np.isfinite(x).all() or (nonneg and (x < 0).any()):
+            return name
+    return "" if 0 < eps < math.inf else "epsilon"
+
+
 def _dual_tolerance(dtype, adv, cost, w, eps, lam):
     """How far G(lam) may be off in ``dtype``: rounding of each sample's term at lam."""
     with np.errstate(all="ignore"):
@@ -523,7 +656,7 @@ def _extreme(dtype, adv, cost, w, eps, lam_ref, g_ref) -> bool:
         return max(span, wc, wa, lam_ref, abs(g_ref), lam_ref * eps) >= top or not math.isfinite(g_ref)
 
 
-@settings(SWEEP, max_examples=400)
+@DUAL_SWEEP
 @given(_dual_case())
 def test_sweep_solve_dual(case):
     dtype, adv_np, cost_np, w_np, eps = case
@@ -534,22 +667,28 @@ def test_sweep_solve_dual(case):
     representable = 0 < eps_dt < math.inf
     with np.errstate(all="ignore"):
         c_min = float((w64 * c64.min(1)).sum())
+    # the solver's products w_b c_b round in the dtype: below its normal range, to its smallest subnormal
+    sub = len(w64) * torch.finfo(dtype).tiny * _eps_of(dtype)
     try:
         sol = solve_dual(adv, cost, w, eps)
     except ValueError as err:
         msg = str(err)
         if not finite or not representable:
+            assert msg.startswith(_first_bad(a64, c64, w64, eps_dt)), msg
             return
         if "infeasible" in msg:
-            assert c_min > eps_dt * (1 - 8 * _eps_of(dtype)), (msg, c_min, eps_dt)
+            assert c_min > eps_dt * (1 - 8 * _eps_of(dtype)) - sub, (msg, c_min, eps_dt)
             return
-        assert "overflows" in msg, msg
         feasible = c_min <= eps_dt
         lam_ref, g_ref = _np_min_dual(a64, c64, w64, eps_dt) if feasible else (math.inf, -math.inf)
+        if "underflows" in msg:   # lam* > 0 below the dtype's normal range (to its rounding)
+            assert 0 < lam_ref < torch.finfo(dtype).tiny * (1 + 16 * _eps_of(dtype)), (msg, lam_ref)
+            return
+        assert "overflows" in msg, msg
         assert _extreme(dtype, a64, c64, w64, eps_dt, lam_ref, g_ref), (msg, a64, c64, w64, eps_dt, lam_ref)
         return
     assert finite and representable
-    assert c_min <= eps_dt * (1 + 8 * _eps_of(dtype)) + 1e-300
+    assert c_min <= eps_dt * (1 + 8 * _eps_of(dtype)) + sub + 1e-300, (c_min, eps_dt)
     B, K = a64.shape
     fields = ("multiplier", "dual_value", "low_cost", "high_cost", "split")
     for f in fields:
@@ -575,10 +714,13 @@ def test_sweep_solve_dual(case):
             transport_plan(sol, n)
 
 
+_DUAL_OBJECTIVE_ARGS = (_dual_case(), st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                                                st.sampled_from([0.0, 1.0, 0.5, True, -0.0]),
+                                                st.integers(-3, 3).map(lambda e: 10.0**(7 * e))))
+
+
 @SWEEP
-@given(_dual_case(), st.one_of(st.floats(allow_nan=True, allow_infinity=True),
-                               st.sampled_from([0.0, 1.0, 0.5, True, -0.0]),
-                               st.integers(-3, 3).map(lambda e: 10.0**(7 * e))))
+@given(*_DUAL_OBJECTIVE_ARGS)
 def test_sweep_dual_objective(case, lam):
     dtype, adv_np, cost_np, w_np, eps = case
     adv, cost, w = _as(adv_np, dtype), _as(cost_np, dtype), _as(w_np, dtype)
@@ -586,13 +728,15 @@ def test_sweep_dual_objective(case, lam):
     eps_dt = float(torch.tensor(eps, dtype=F64).to(dtype))
     lam_dt = float(torch.tensor(float(lam), dtype=F64).to(dtype)) if not isinstance(lam, bool) else math.nan
     valid = (all(np.isfinite(x).all() for x in (a64, c64, w64)) and (c64 >= 0).all() and (w64 >= 0).all()
-             and 0 < eps_dt < math.inf and not isinstance(lam, bool) and math.isfinite(lam_dt) and lam >= 0)
+             and 0 < eps_dt < math.inf and not isinstance(lam, bool) and math.isfinite(lam_dt) and lam_dt >= 0)
     with np.errstate(all="ignore"):
         ref = float(_np_dual(lam_dt, a64, c64, w64, eps_dt)[0]) if valid else math.nan
     try:
         out = dual_objective(lam, adv, cost, w, eps)
     except ValueError as err:
-        if valid:
+        if not valid:   # lam is checked after the problem
+            assert str(err).startswith(_first_bad(a64, c64, w64, eps_dt) or "lam"), str(err)
+        else:
             assert "overflows" in str(err)
             with np.errstate(all="ignore"):
                 big = max(float(np.abs(a64).max()), lam_dt * float(c64.max()), abs(ref),
@@ -603,3 +747,76 @@ def test_sweep_dual_objective(case, lam):
     assert out.shape == () and torch.isfinite(out)
     tol = _dual_tolerance(dtype, a64, c64, w64, eps_dt, lam_dt)
     assert abs(float(out) - ref) <= tol, (float(out), ref, tol)
+
+
+# ----------------------------------------------------------------------------------------------
+# (c) every property can fail: one realistic bug seeded into the code under test, caught by the property with
+# its own settings (same budget, same derandomised examples) and only the shrinking left out, which would spend
+# seconds minimising a counterexample nobody reads
+
+
+def assert_property_catches(prop, budget, *strategies):
+    """Run the property ``prop`` (hypothesis-decorated) as CI does, without shrinking, and require a failure."""
+    rerun = settings(budget, phases=[Phase.generate], report_multiple_bugs=False)(
+        given(*strategies)(prop.hypothesis.inner_test))
+    with pytest.raises(AssertionError):
+        rerun()
+
+
+def test_seeded_bug_continuous_cost_without_its_finiteness_checks(monkeypatch):
+    # No value check at all: a NaN action comes out as a NaN cost.
+    monkeypatch.setattr(torchrl_ot.costs, "raise_first_failed", lambda checks: None)
+    assert_property_catches(test_sweep_continuous_costs, SWEEP, _continuous_case())
+
+
+def test_seeded_bug_continuous_cost_blames_its_output_for_a_nan_input(monkeypatch):
+    # The inputs unchecked, the output still checked: a NaN in a is refused as an overflow of finite inputs.
+    real = TransportCost._input_checks
+    monkeypatch.setattr(TransportCost, "_input_checks",
+                        lambda self, a, b: real(self, a, b) if self.discrete else [])
+    assert_property_catches(test_sweep_continuous_costs, SWEEP, _continuous_case())
+
+
+def test_seeded_bug_euclidean_gradient_through_plain_autograd(monkeypatch):
+    # The first failure the sweep found: sqrt's infinite derivative at a == b gives inf * 0 = NaN.
+    monkeypatch.setattr(torchrl_ot.costs._PowerNorm, "apply", staticmethod(lambda x, p: x.pow(2).sum(-1).sqrt() ** p))
+    assert_property_catches(test_sweep_continuous_costs, SWEEP, _continuous_case())
+
+
+def test_seeded_bug_discrete_cost_without_its_index_range_check(monkeypatch):
+    # Index -1 then reads the matrix's last column (Python indexing), |-1 - j| for IndexDistanceCost.
+    real = TransportCost._input_checks
+    monkeypatch.setattr(TransportCost, "_input_checks", lambda self, a, b: [
+        check for check in real(self, a, b) if "outside the allowed range" not in check[1]()])
+    assert_property_catches(test_sweep_discrete_costs, SWEEP, _discrete_case())
+
+
+def test_seeded_bug_callable_cost_without_its_shape_check(monkeypatch):
+    # A callable that forgot .sum(-1) gives [B, d] costs, which then broadcast downstream.
+    real = TransportCost._check_output
+    monkeypatch.setattr(TransportCost, "_check_output", lambda self, out, shape, device: real(
+        self, out, out.shape if isinstance(out, torch.Tensor) else shape, device))
+    assert_property_catches(test_sweep_callable_cost_output_shape, SWEEP, *_CALLABLE_ARGS)
+
+
+def test_seeded_bug_solve_dual_multiplier_one_percent_off(monkeypatch):
+    real = solve_dual
+
+    def off(*args):
+        sol = real(*args)
+        return dataclasses.replace(sol, multiplier=sol.multiplier * 1.01)
+
+    # The property's module looks solve_dual up in its own globals.
+    monkeypatch.setitem(test_sweep_solve_dual.hypothesis.inner_test.__globals__, "solve_dual", off)
+    assert_property_catches(test_sweep_solve_dual, DUAL_SWEEP, _dual_case())
+
+
+def test_seeded_bug_dual_objective_without_the_epsilon_term(monkeypatch):
+    real = dual_objective
+
+    def no_eps(lam, adv, cost, w, eps):
+        out = real(lam, adv, cost, w, eps)   # its input checks stay: only the value is wrong
+        return out - torch.tensor(float(lam) * float(eps), dtype=F64).to(out.dtype)
+
+    monkeypatch.setitem(test_sweep_dual_objective.hypothesis.inner_test.__globals__, "dual_objective", no_eps)
+    assert_property_catches(test_sweep_dual_objective, SWEEP, *_DUAL_OBJECTIVE_ARGS)

@@ -305,6 +305,15 @@ def solve_dual(advantage: Tensor, cost: Tensor, weight: Tensor, epsilon: float |
         if lams.numel() == 0:  # feasible, yet no crossing survived: it overflowed to inf
             raise _overflow_error(advantage.dtype)
         lam = _weighted_select(lams, wdrops, excess).to(advantage.dtype)
+        if not bool(lam >= torch.finfo(lam.dtype).tiny):
+            # excess > 0 (the greedy step leaves the radius) means lam* > 0. Below the dtype's normal range a
+            # crossing underflowed: to 0, which lifts the trust region without a word, or to a subnormal with a few
+            # bits left, which puts G(lam*) off by more than the dtype's resolution.
+            raise ValueError(
+                f"advantage, cost and weight are finite but lam* underflows {advantage.dtype} (it is below "
+                f"{torch.finfo(lam.dtype).tiny:.3g}, the smallest normal number: advantage differences tiny "
+                "against cost differences); rescale advantage or cost, or pass float64 inputs"
+            )
         low = _piece_at(low0, steps, lam, right=True)
         high = _piece_at(low0, steps, lam, right=False)
 

@@ -30,6 +30,7 @@ from torchrl_ot.functional import DualSolution
 from torchrl_ot.keys import OTKeys, write_solution
 from torchrl_ot.loss.projection import TrustRegionProjection
 from torchrl_ot.validation import (
+    check_bool,
     check_choice,
     check_draw_shape,
     check_entries_present,
@@ -40,6 +41,7 @@ from torchrl_ot.validation import (
     check_tensor,
     entry_name,
     get_entry,
+    raise_first_failed,
 )
 
 __all__ = ["OTTrustRegionLoss"]
@@ -110,7 +112,15 @@ class OTTrustRegionLoss(TrustRegionProjection, ActorCriticLoss, metaclass=_Setti
             the setting's own keywords (above).
         entropy_coeff: if set, adds ``loss_entropy = -entropy_coeff * entropy``.
         critic_coeff, loss_critic_type (``"l2"``, ``"l1"``, ``"smooth_l1"``), reduction (``"mean"``, ``"sum"``,
-            ``"none"``), functional: as in TorchRL's A2C loss.
+            ``"none"``), functional: as in TorchRL's A2C and PPO losses (the keywords of ``ClipPPOLoss`` that
+            mean something here; its ``clip_epsilon`` becomes ``cost`` and ``epsilon``).
+        normalize_advantage: (default True) :meth:`solve_multiplier` standardises the batch's advantage in place,
+            over the whole batch (mean 0, std 1), before solving: lam* and the hinge then see the same standardised
+            values. Unlike ``ClipPPOLoss`` (per minibatch, off by default), since lam* is a batch quantity, and on
+            by default: on a raw GAE batch whose estimates are all <= 0 (an untrained critic, negative rewards) the
+            Gaussian hinge has nothing to move toward, lam* = 0 and the actor gets no gradient at all.
+        solve_on_estimate: (default True) :meth:`make_value_estimator` registers :meth:`solve_hook` on the
+            estimator: every ``loss.value_estimator(batch)`` also solves lam* for that batch.
 
     >>> import torch
     >>> from torch import nn
@@ -187,7 +197,10 @@ class OTTrustRegionLoss(TrustRegionProjection, ActorCriticLoss, metaclass=_Setti
     def __init__(self, actor_network: TensorDictModule, critic_network: TensorDictModule, *, cost: TransportCost,
                  epsilon: float, advantage_network: TensorDictModule | None = None,
                  entropy_coeff: float | None = None, critic_coeff: float = 1.0, loss_critic_type: str = "l2",
-                 reduction: str = "mean", functional: bool = True) -> None:
+                 reduction: str = "mean", functional: bool = True, normalize_advantage: bool = True,
+                 solve_on_estimate: bool = True) -> None:
+        check_bool("normalize_advantage", normalize_advantage)
+        check_bool("solve_on_estimate", solve_on_estimate)
         if type(self) is OTTrustRegionLoss:
             raise TypeError("OTTrustRegionLoss is built through policy=...; subclass it for a new setting")
         epsilon = float(check_epsilon(epsilon))
@@ -203,6 +216,28 @@ class OTTrustRegionLoss(TrustRegionProjection, ActorCriticLoss, metaclass=_Setti
                          loss_critic_type=loss_critic_type, reduction=reduction, functional=functional)
         self.cost, self._has_advantage_network = cost, advantage_network is not None
         self._solver = self._make_solver(epsilon)
+        self.normalize_advantage, self.solve_on_estimate = normalize_advantage, solve_on_estimate
+        self._solving = False  # inside solve_multiplier: its own call of the value estimator must not solve again
+
+    def make_value_estimator(self, value_type=None, **hyperparams):
+        """TorchRL's ``make_value_estimator``; with ``solve_on_estimate`` (the default) the estimator also solves
+        lam* for the batch it runs on (:meth:`solve_hook`), so that a loop calling only
+        ``loss.value_estimator(batch)`` and ``loss(minibatch)`` solves once per estimated batch."""
+        super().make_value_estimator(value_type, **hyperparams)
+        if self.solve_on_estimate and getattr(self, "_value_estimator", None) is not None:
+            self._value_estimator.register_forward_hook(self.solve_hook)
+        return self
+
+    def solve_hook(self, module, args, output) -> None:
+        """A forward hook for an advantage module (``adv_module.register_forward_hook(loss.solve_hook)``): once the
+        module has written the advantage into a batch, :meth:`solve_multiplier` solves lam* on it and records the
+        solution there, so the minibatches drawn from it carry it. TorchRL's PPO scripts estimate the advantage
+        with their own ``GAE`` module, once per epoch: lam* is then solved once per epoch, on that epoch's
+        advantages, always against the behaviour policy recorded in the batch (``loc``/``scale`` or ``logits``)."""
+        if self._solving:
+            return
+        batch = output if isinstance(output, TensorDictBase) else args[0]
+        self.solve_multiplier(batch)
 
     # ---------------------------------------------------------------------------------------------
     # the setting's hooks
@@ -337,11 +372,22 @@ class OTTrustRegionLoss(TrustRegionProjection, ActorCriticLoss, metaclass=_Setti
         if tensordict.get(keys.advantage, None) is None:
             check_entries_present(tensordict, self.in_keys, owner,
                                   f" to estimate the advantage (there is no {keys.advantage!r})")
-            self._estimate_advantage(tensordict)
+            self._solving = True
+            try:
+                self._estimate_advantage(tensordict)
+            finally:
+                self._solving = False
         self._check_entries(tensordict, [keys.advantage])
         if tensordict.batch_size.numel() == 0:  # TensorDict.numel() is at least 1
             raise ValueError("solve_multiplier got an empty batch")
+        if self.normalize_advantage and tensordict.batch_size.numel() > 1:
+            # Over the whole batch (lam* is a batch quantity), not per minibatch as ClipPPOLoss: the hinge then
+            # has positive advantages to move toward even where every raw estimate is negative.
+            adv = self._advantage(tensordict)
+            tensordict.set(keys.advantage, ((adv - adv.mean()) / adv.std().clamp_min(1e-8)).reshape(
+                tensordict.get(keys.advantage).shape))
         self._behaviour_dist(tensordict)  # records pi_old's parameters in the batch if absent
+        self._check_behaviour_params(tensordict)
         batch, flat = tensordict.shape, tensordict.reshape(-1)
         adv = self._advantage(flat).double()
         with torch.no_grad():
@@ -350,6 +396,21 @@ class OTTrustRegionLoss(TrustRegionProjection, ActorCriticLoss, metaclass=_Setti
         for key, value in written.items():
             tensordict.set(key, value.reshape(*batch, *value.shape[1:]))
         return sol
+
+    def _check_behaviour_params(self, td: TensorDictBase) -> None:
+        """Refuse, by key, pi_old's stored parameters (``loc``, ``scale``, ``logits`` ...) holding NaN or inf: they
+        would surface as an error about a cost's argument or an internal entry, or as a raw RuntimeError from a
+        draw. A categorical's logits may be -inf (a masked action). One device sync for all of them."""
+        owner, checks = type(self).__name__, []
+        for key in self._dist_keys:
+            x = td.get(key)
+            if isinstance(x, Tensor) and x.is_floating_point():
+                masked = self.discrete_cost
+                ok = (~torch.isnan(x) & (x != float("inf"))) if masked else torch.isfinite(x)
+                what = "NaN or +inf (-inf: a masked action)" if masked else "NaN or inf"
+                checks.append((ok.all(), lambda key=key, what=what: f"{entry_name(key, owner)} (a parameter of "
+                                                                    f"pi_old) must not hold {what}"))
+        raise_first_failed(checks)
 
     def _solve_candidates(self, cand_adv: Tensor, cost: Tensor) -> DualSolution:
         """The exact dual over ``[n, K]`` candidates with uniform weights, by the loss's :class:`DualSolver`."""
@@ -389,7 +450,13 @@ class OTTrustRegionLoss(TrustRegionProjection, ActorCriticLoss, metaclass=_Setti
         adv = self._advantage(flat).detach()
         critic_out = self._run("critic_network", flat)
         self._check_critic_side(flat, critic_out, entries)
-        objective, active, head_loss = self._objective(flat, dist, lam, adv, critic_out)
+        try:
+            objective, active, head_loss = self._objective(flat, dist, lam, adv, critic_out)
+        except ValueError:
+            # A cost refuses a NaN reaching it (a NaN observation makes a NaN mean) as "a must be finite": name the
+            # entry it came from instead, as the check of the losses below does. A sync on this path only.
+            self._check_entries(td, [*self.in_keys, keys.value_target, *needed])
+            raise
         critic = self._critic_loss(critic_out, flat).reshape(flat.shape) + (0 if head_loss is None else head_loss)
         losses = {"loss_objective": -objective, "loss_critic": self.critic_coeff * critic}
         out = {}
@@ -404,8 +471,11 @@ class OTTrustRegionLoss(TrustRegionProjection, ActorCriticLoss, metaclass=_Setti
         for name, loss in losses.items():
             out[name] = self._reduce_loss(loss.reshape(batch), td)
         # One check (one sync) per step on the outputs instead of one per input key: every input that
-        # matters reaches a loss, so a NaN input shows up here; only then look for the culprit by name.
-        if not bool(torch.isfinite(torch.cat([out[name].detach().reshape(-1) for name in losses])).all()):
+        # matters reaches a loss, so a NaN input shows up here; only then look for the culprit by name. lam* and
+        # the advantage join them: the Gaussian hinge clamps an infinite lam* c or a -inf advantage to a finite 0
+        # (with a NaN gradient for the former).
+        if not bool(torch.isfinite(torch.cat([*(out[name].detach().reshape(-1) for name in losses),
+                                              lam.reshape(-1), adv.reshape(-1)])).all()):
             self._check_entries(td, [*self.in_keys, keys.value_target, *needed])
             raise ValueError(f"{type(self).__name__} produced a non-finite loss from finite inputs (overflow?); "
                              "refusing a NaN update")

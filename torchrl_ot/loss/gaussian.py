@@ -67,6 +67,15 @@ class GaussianTransportMixin:
         return gaussian_transport_bound(loc0.double(), scale0.double(), loc1.double(), scale1.double(),
                                         self.cost, _lipschitz(new).double())
 
+    def _smooth_transport(self, old, new) -> Tensor:
+        # The bound's own formula for the squared Euclidean cost, sum_i L_i^2 (dloc_i^2 + dscale_i^2), written
+        # without the |dloc| of its equal-scale branch: autograd's second derivative of |x|^2 at 0 is 0, not 2.
+        if not (isinstance(self.cost, EuclideanCost) and self.cost.p == 2.0):
+            return super()._smooth_transport(old, new)
+        (loc0, scale0), (loc1, scale1) = (_gaussian_params(d) for d in (old, new))
+        lip = _lipschitz(new).to(loc1.dtype)
+        return (lip.pow(2) * ((loc1 - loc0.detach()).pow(2) + (scale1 - scale0.detach()).pow(2))).double().sum(-1)
+
 
 class GaussianOTLoss(GaussianTransportMixin, OTTrustRegionLoss, policy="gaussian",
                      options={"mirror": False, "learn_scale": False, "scale_clip": 0.2}):

@@ -14,6 +14,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from torchrl_ot._actor_critic import get_flat_params, log_prob_per_sample, set_flat_params
+from torchrl_ot.trpo import conjugate_gradient, flat_grad
 from torchrl_ot.validation import (
     check_draw_shape,
     check_entries_present,
@@ -140,6 +141,104 @@ class TrustRegionProjection:
             moved, fraction = self._boundary_trial(tensordict, params, theta_old, step, moved, fraction, refused)
         return TensorDict({"realised_transport": moved, "step_fraction": torch.tensor(float(fraction)),
                            "backtracks": torch.tensor(i)}, batch_size=[])
+
+    def natural_step(self, tensordict: TensorDictBase, *, cg_iters: int = 10, cg_damping: float = 0.1,
+                     backtrack_coeff: float = 0.8, max_backtracks: int = 10) -> TensorDictBase:
+        """Step 5 as one natural-gradient step in the metric of the transport cost, to the radius (an alternative
+        to the minibatch epochs on the actor; not in the paper).
+
+        The paper fits the network to the exact update (eq. 7, 10) by gradient steps; what the fitted network then
+        moves is a fraction of epsilon. Here the fit is the linearised one, solved exactly: with ``g`` the
+        gradient of step 5's objective (the setting's Lagrangian at the fixed lam*, whose per-sample gradient points
+        at the exact update's targets) at ``theta_old`` and ``H`` the Hessian there of the smooth transport
+        :meth:`_smooth_transport` (its minimum: a Gauss-Newton matrix, ``(2/B) J^T L^2 J`` for the squared
+        Euclidean cost of a Gaussian), ``x ~= (H + cg_damping I)^-1 g`` by ``cg_iters`` conjugate-gradient
+        iterations, and the step ``s = sqrt(2 epsilon / x.Hx) x`` is the one whose quadratic transport is epsilon:
+        TRPO's step with the transport in place of the KL. Then, as :meth:`project_into_trust_region`, the first
+        of the lengths ``1``, ``sqrt(0.99 epsilon / realised)`` (when the first trial lands outside, the length
+        at which a quadratic transport would reach 0.99 epsilon) and ``backtrack_coeff**i`` times it (``i <=
+        max_backtracks``) whose :meth:`realised_transport` is at most epsilon and whose :meth:`surrogate` does
+        not fall is kept, else ``theta_old`` is restored exactly: no accepted step leaves the radius. A kept step
+        short of the radius (the network is not linear in its parameters) gets the ``boundary_trial`` of
+        :meth:`project_into_trust_region`, below the last length refused (or twice ``s``).
+
+        Call it after :meth:`solve_multiplier` on the same batch, with the actor at pi_old. Returns
+        ``realised_transport``, ``step_fraction`` (of ``s``; 0 if refused) and ``backtracks``.
+        """
+        check_positive_int("cg_iters", cg_iters)
+        check_real("cg_damping", cg_damping, low=0)
+        check_real("backtrack_coeff", backtrack_coeff, low=0, low_open=True, high=1, high_open=True)
+        check_positive_int("max_backtracks", max_backtracks, minimum=0)
+        self._check_behaviour(tensordict, "natural_step")
+        keys = self.tensor_keys
+        check_entries_present(tensordict, [keys.multiplier, *self._needed_keys()],
+                              f"{type(self).__name__}.natural_step", " (recorded by solve_multiplier)")
+        flat = tensordict.reshape(-1)
+        params = self._actor_params()
+        theta_old = get_flat_params(params)
+        old, new = self._behaviour_and_current(flat, "natural_step")
+        lam = flat.get(keys.multiplier).detach()
+        adv = self._advantage(flat).detach()
+        with torch.no_grad():
+            critic_out = self._run("critic_network", flat)
+        objective, _, _ = self._objective(flat, new, lam, adv, critic_out)
+        g = flat_grad(objective.double().mean(), params).to(theta_old.dtype)
+        zero = torch.zeros((), dtype=torch.float64)
+        info = {"realised_transport": zero, "step_fraction": torch.tensor(0.0), "backtracks": torch.tensor(0)}
+        if not bool(torch.isfinite(g).all()):
+            raise ValueError("the gradient of step 5's objective contains NaN or inf; refusing a NaN update")
+        if not bool(g.any()):  # no sample moves (lam* = 0 and the hinge flat, or all advantages zero)
+            return TensorDict(info, batch_size=[])
+        # The transport's gradient at its minimum is zero: build it with a graph, then differentiate it again.
+        grad = flat_grad(self._smooth_transport(old, self._current_dist(flat)).mean(), params, create_graph=True)
+
+        def hvp(v: Tensor) -> Tensor:
+            return flat_grad(grad @ v.to(grad.dtype), params, retain_graph=True).to(v.dtype) + cg_damping * v
+
+        # The length is set below, so only g's direction matters: unit norm makes CG's absolute residual
+        # tolerance a relative one (g scales with lam*, which can be tiny).
+        x = conjugate_gradient(hvp, g / g.norm(), cg_iters)
+        xhx = x @ (hvp(x) - cg_damping * x)
+        if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(xhx)) and bool(xhx > 0)):
+            raise ValueError(f"the natural-gradient direction is not finite or x.Hx = {float(xhx)} <= 0")
+        step = torch.sqrt(2 * self.epsilon / xhx) * x
+        with torch.no_grad():
+            start = self.surrogate(tensordict)
+            lengths, tried, accepted, i = [1.0], [], None, 0
+            try:
+                while lengths:
+                    fraction = lengths.pop(0)
+                    tried.append(fraction)
+                    set_flat_params(params, theta_old + fraction * step)
+                    moved = self.realised_transport(tensordict)
+                    inside = bool(moved <= self.epsilon)
+                    if inside and bool(self.surrogate(tensordict) >= start):
+                        accepted = (moved, fraction)
+                        break
+                    if i == 0 and not inside and bool(moved > 0):
+                        lengths.append(fraction * min((0.99 * self.epsilon / float(moved)) ** 0.5, backtrack_coeff))
+                    elif i < max_backtracks:
+                        lengths.append(fraction * backtrack_coeff)
+                    i += 1
+            finally:  # refused, or an error: theta_old exactly
+                if accepted is None:
+                    set_flat_params(params, theta_old)
+        if accepted is not None:
+            # The search's lengths are the quadratic model's and powers of backtrack_coeff below it: the network's
+            # curvature leaves the kept one short of the radius; one more trial toward it (kept only if inside and
+            # no worse), capped by the last length refused, or at twice the model's.
+            refused = 2.0 if i == 0 else tried[-2]
+            moved, fraction = self._boundary_trial(tensordict, params, theta_old, step, *accepted, refused)
+            info.update(realised_transport=moved, step_fraction=torch.tensor(float(fraction)),
+                        backtracks=torch.tensor(i))
+        else:
+            info["backtracks"] = torch.tensor(i)
+        return TensorDict(info, batch_size=[])
+
+    def _smooth_transport(self, old, new) -> Tensor:
+        """A transport per state ``[n]`` that is twice differentiable at ``new = old`` (for :meth:`natural_step`)."""
+        raise ValueError(f"natural_step needs a transport that is smooth at zero; {type(self).__name__} with "
+                         f"{self.cost!r} has none (use the minibatch epochs)")
 
     @torch.no_grad()
     def surrogate(self, tensordict: TensorDictBase) -> Tensor:

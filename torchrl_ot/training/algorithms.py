@@ -159,11 +159,18 @@ class OTTrustRegion(Algorithm):
         for key in ("enforce_radius", "boundary_trial"):
             if not isinstance(cfg.algo.get(key, False), bool):
                 raise ValueError(f"algo.{key} must be true or false, got {cfg.algo.get(key)!r}")
+        update = cfg.algo.get("actor_update", "epochs")
+        if update not in ("epochs", "natural"):
+            raise ValueError(f"algo.actor_update must be 'epochs' or 'natural', got {update!r}")
+        if update == "natural" and not cfg.algo.enforce_radius:
+            raise ValueError("algo.actor_update=natural steps to the radius and stays inside it: it needs "
+                             "algo.enforce_radius=true")
 
     def __init__(self, cfg: DictConfig, policy: str, discrete: bool, actor: ProbabilisticActor,
                  critic: ValueOperator, head: TensorDictModule | None) -> None:
         super().__init__(cfg, policy, discrete, actor, critic, head)
         self.theta_old: torch.Tensor | None = None
+        self.natural = cfg.algo.get("actor_update", "epochs") == "natural"
         self.log_scale = None
         self.learn_scale = policy == "gaussian" and bool(cfg.algo.get("learn_scale", False))
         if policy == "gaussian" and (cfg.algo.final_scale is not None or self.learn_scale):
@@ -182,7 +189,9 @@ class OTTrustRegion(Algorithm):
             mirror=algo.mirror,  # the loss refuses these for a non-Gaussian policy, naming both
             learn_scale=bool(algo.get("learn_scale", False)), scale_clip=algo.get("scale_clip", 0.2),
             entropy_coeff=algo.entropy_coeff or None,
-            critic_coeff=algo.critic_coeff, loss_critic_type=algo.loss_critic_type, functional=self.functional)
+            critic_coeff=algo.critic_coeff, loss_critic_type=algo.loss_critic_type, functional=self.functional,
+            # before_epochs normalises (algo.normalize_advantage) and solves itself, once per batch
+            normalize_advantage=False, solve_on_estimate=False)
 
     def scheduled_scale(self, frames_done: int) -> float:
         """The Gaussian's std after ``frames_done`` frames (``algo.final_scale`` set)."""
@@ -201,13 +210,24 @@ class OTTrustRegion(Algorithm):
         # The update's own transport (WPO's no-split plan can exceed epsilon; OT-TRPO's cannot).
         row.update(multiplier=sol.multiplier.item(), epsilon=loss.epsilon,
                    transport_over_epsilon=batch["ot_transport"].double().mean().item() / loss.epsilon)
-        if algo.enforce_radius:
+        if self.natural:  # the actor's step, to the radius; the epochs then train the critic only
+            step = loss.natural_step(batch, cg_iters=algo.get("cg_iters", 10), cg_damping=algo.get("cg_damping", 0.1))
+            row["step_fraction"] = step["step_fraction"].item()
+        elif algo.enforce_radius:
             self.theta_old = loss.actor_parameters()
+
+    def minibatch_loss(self, out: TensorDictBase) -> torch.Tensor:
+        if not self.natural:
+            return super().minibatch_loss(out)
+        # The actor moved in before_epochs: its objective would move it again.
+        return sum(v for k, v in out.items() if k.startswith("loss_") and k not in ("loss_objective", "loss_entropy"))
 
     def after_epochs(self, batch: TensorDictBase, row: dict[str, float]) -> None:
         # What the fitted network moved (exact, or a bound), against the radius.
         loss = self.loss_module
-        if self.cfg.algo.enforce_radius:  # backtrack the actor's step until it is inside (or undo it)
+        if self.natural:  # already inside: natural_step's own search
+            moved = loss.realised_transport(batch)
+        elif self.cfg.algo.enforce_radius:  # backtrack the actor's step until it is inside (or undo it)
             proj = loss.project_into_trust_region(batch, self.theta_old, backtrack_coeff=0.8,
                                                   max_extension=self.cfg.algo.get("max_step_extension", 1.0),
                                                   boundary_trial=self.cfg.algo.get("boundary_trial", False))
