@@ -47,7 +47,7 @@ with warnings.catch_warnings():
         loss_module=loss, optimizer=torch.optim.Adam(loss.parameters(), lr=1e-3),
         replay_buffer=ReplayBuffer(storage=LazyTensorStorage(2048), sampler=SamplerWithoutReplacement(), batch_size=64),
         num_epochs=10, gamma=0.9, lmbda=0.95, clip_norm=0.5,
-        logger=CSVLogger("ot_trpo", log_dir=str(run_dir)), log_interval=2048,
+        logger=CSVLogger("ot_trpo", log_dir=str(run_dir)), log_interval=1,  # log every batch
         save_trainer_file=run_dir / "trainer.pt", save_trainer_interval=1, progress_bar=False)  # after every batch
 trainer.train()
 returns = [float(r) for r in trainer._log_dict["r_training"]]  # mean reward per step of each batch, as TorchRL logs it

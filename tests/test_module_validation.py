@@ -30,7 +30,7 @@ from torchrl.modules import IndependentNormal, NormalParamExtractor, Probabilist
 import torchrl_ot.dual
 from torchrl_ot import DiscreteMetricCost, DualSolver, MassSplittingTarget
 from torchrl_ot.costs import EuclideanCost, IndexDistanceCost, L1Cost
-from torchrl_ot.functional import categorical_transport, solve_dual
+from torchrl_ot.functional import categorical_transport, solve_dual, tabular_ot_update
 from torchrl_ot.loss import OTTrustRegionLoss
 from torchrl_ot.tabular import (
     TabularCritic,
@@ -643,6 +643,13 @@ def test_sweep_solver_modules(case):
                 solve_dual(tensors["ot_advantage"].reshape(-1, k), tensors["ot_cost"].reshape(-1, k),
                            flat.reshape(-1), eps)
             assert str(ref.value) == msg
+        elif "underflows" in msg:   # lam* > 0 below the dtype's normal range: float64 says how small it is
+            flat = [tensors[key].double().reshape(n, -1) for key in ("probs", "action_advantage")]
+            flat[0] = flat[0] / flat[0].sum(-1, keepdim=True)   # float64's simplex, not float16's
+            rho = tensors["state_weight"]
+            rho = torch.full((n,), 1 / n, dtype=torch.float64) if rho is None else rho.double().reshape(-1)
+            _, sol = tabular_ot_update(*flat, rho, solver.cost.matrix(flat[0].shape[-1]), eps)
+            assert 0 < float(sol.multiplier) < torch.finfo(dtype).tiny * (1 + 16 * eps_dt), (msg, sol.multiplier)
         else:
             assert "overflows" in msg or "not representable" in msg, msg
         return
