@@ -69,11 +69,12 @@ solver_modules *      100    DualSolver, MassSplittingTarget (metric or    the f
                              index cost, split or WPO); batch_size 1-2     (input of <module>) must"; DualSolver: the
                              dims of 1..3 (B = 1 included); K, A = 1..4;   very numbers (or refusal) of solve_dual on
                              values 1e-6..1e6 (float16: inf at the top),   the flattened batch; MassSplittingTarget:
-                             1 in 5 ties and zeros; weight absent          rows on the simplex, expected advantage not
-                             (uniform) or given (1 in 5 with a 0); probs   below pi_old's, exact OT
-                             softmax, one-hot or uniform; 1 in 6 costs     (categorical_transport) <= written
-                             without a zero-cost candidate; 1 in 3: one    ot_transport <= epsilon (split)
-                             entry NaN, +-inf or -1
+                             1 in 5 ties and zeros; weight absent          "underflows" only for a lam* (in float64)
+                             (uniform) or given (1 in 5 with a 0); probs   below the dtype's smallest normal number,
+                             softmax, one-hot or uniform; 1 in 6 costs     else rows on the simplex, expected advantage
+                             without a zero-cost candidate; 1 in 3: one    not below pi_old's, exact OT
+                             entry NaN, +-inf or -1                        (categorical_transport) <= written
+                                                                           ot_transport <= epsilon (split)
 
 losses *              100    OTTrustRegionLoss gaussian (mirror or not),   ValueError starting with the spoiled key
                              categorical (split or WPO), sampled;          (-inf logits, a masked action, are valid);
