@@ -86,7 +86,17 @@ class SolveMultiplierHook(TrainerHookBase):
         trainer.register_module(name, self)
 
 
-class TrustRegionProjectionHook(TrainerHookBase):
+class _StatelessHook(TrainerHookBase):
+    """A hook with nothing to checkpoint (what it needs lives in the SolveMultiplierHook it reads)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+
+class TrustRegionProjectionHook(_StatelessHook):
     """``post_steps``: after the batch's optimisation steps, ``loss.project_into_trust_region`` on the batch and the
     theta_old that ``solve`` kept; registered ahead of the trainer's other ``post_steps`` operations, so that the
     collector's weight update sends the projected actor. ``last`` holds the projection's output.
@@ -111,12 +121,6 @@ class TrustRegionProjectionHook(TrainerHookBase):
                                                               max_extension=self.max_extension,
                                                               boundary_trial=self.boundary_trial)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass
-
     def register(self, trainer: Trainer, name: str = "ot_projection") -> None:
         trainer.register_op("post_steps", self)
         # Ahead of the weight update that OnPolicyTrainer registers there: the collector must get the projected actor.
@@ -124,7 +128,7 @@ class TrustRegionProjectionHook(TrainerHookBase):
         trainer.register_module(name, self)
 
 
-class OTLogHook(TrainerHookBase):
+class OTLogHook(_StatelessHook):
     """``post_steps_log``: lambda*, t*, the exact update's transport over epsilon and, if there is a projection, the
     fitted network's (``realised_transport_over_epsilon``) and the kept ``step_fraction``."""
 
@@ -142,12 +146,6 @@ class OTLogHook(TrainerHookBase):
             out["realised_transport_over_epsilon"] = self.projection.last["realised_transport"].item() / loss.epsilon
             out["step_fraction"] = self.projection.last["step_fraction"].item()
         return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass
 
     def register(self, trainer: Trainer, name: str = "ot_log") -> None:
         trainer.register_op("post_steps_log", self)
