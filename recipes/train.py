@@ -46,21 +46,22 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tensordict import TensorDictBase
 from torch import nn
-from torchrl.collectors import Collector
 from torchrl.data.tensor_specs import Categorical as CategoricalSpec
 from torchrl.data.tensor_specs import OneHot as OneHotSpec
-from torchrl.envs import EnvCreator
 from tqdm import tqdm
 
 from torchrl_ot.tabular import episode_limit
 from torchrl_ot.training import (
+    RayStatistics,
     ValueTargetScaling,
     check_config,
+    check_device,
     check_run_dir,
     epochs_and_minibatches,
     evaluate,
     load_checkpoint,
     make_algorithm,
+    make_collector,
     make_env,
     make_logger,
     make_networks,
@@ -94,6 +95,9 @@ def main(cfg: DictConfig) -> dict:
     # An earlier run there is continued (resume=true and its checkpoint), discarded (overwrite=true) or refused.
     check_run_dir(run_dir, resume=cfg.resume and ckpt_path.exists(), overwrite=cfg.overwrite)
     prepare_process(cfg)  # threads, seeds
+    device = check_device(cfg.device)  # the learner's: networks, loss, batches (the envs stay on the CPU)
+    on_ray = cfg.collector.backend == "ray"
+    distributed = on_ray or cfg.num_collectors > 1  # the workers hold copies of the policy: send them its weights
     start = time.perf_counter()
 
     # --- networks, the algorithm (its loss and its steps around the epochs), optimiser ----------
@@ -108,7 +112,7 @@ def main(cfg: DictConfig) -> dict:
     actor, critic, head = make_networks(probe, cfg, policy)
     probe.close()
     algorithm = make_algorithm(cfg, policy, discrete, actor, critic, head)  # ALGO LOGIC
-    loss_module = algorithm.loss_module
+    loss_module = algorithm.loss_module.to(device)  # the actor, critic and head are its submodules
     params = list(loss_module.parameters())  # once: a module walk per step costs more than the clipping
     optim = make_optimizer(params, cfg)
     obs_stats = new_obs_stats(obs_dim) if cfg.obs_norm.enabled else None
@@ -117,6 +121,7 @@ def main(cfg: DictConfig) -> dict:
     scaled_rewards = return_stats if cfg.reward_scaling.mode == "rewards" else None
     value_scaling = None
     if return_stats is not None and cfg.reward_scaling.mode == "value_targets":
+        return_stats = return_stats.to(device)  # the learner's alone (no env reads it)
         value_scaling = ValueTargetScaling(return_stats, eps=cfg.reward_scaling.eps)
         value_scaling.attach(loss_module.value_estimator)
 
@@ -127,7 +132,7 @@ def main(cfg: DictConfig) -> dict:
             else:
                 value_scaling.estimate(loss_module.value_estimator, batch)
     for stats in (obs_stats, return_stats):
-        if stats is not None and cfg.num_collectors > 1:
+        if stats is not None and cfg.num_collectors > 1 and not on_ray:
             stats.share_memory_()  # the worker processes update these very tensors
 
     # --- resume -----------------------------------------------------------------------------------
@@ -158,7 +163,7 @@ def main(cfg: DictConfig) -> dict:
     logger = make_logger(cfg, run_dir)
 
     def log_and_record_eval(frames_now: int) -> None:
-        returns = evaluate(actor, cfg, obs_stats, horizon)
+        returns = evaluate(actor, cfg, obs_stats, horizon, device=device)
         history.append({"frames": frames_now, "return": statistics.fmean(returns),
                         "return_std": statistics.pstdev(returns), "returns": returns})
         logger.log_scalar("eval_return", history[-1]["return"], step=frames_now)
@@ -178,14 +183,18 @@ def main(cfg: DictConfig) -> dict:
         env_fns = [functools.partial(make_env, cfg.env.name, segment_seed + 1000 * i, obs_stats, cfg,
                                      num_envs=cfg.num_envs, return_stats=scaled_rewards)
                    for i in range(cfg.num_collectors)]
-        if cfg.num_collectors > 1:  # EnvCreator hands the workers the shared-memory statistics (state_dict)
-            env_fns = [EnvCreator(fn) for fn in env_fns]
-        collector = Collector(env_fns if cfg.num_collectors > 1 else env_fns[0], actor, frames_per_batch=fpb,
-                              total_frames=seg_batches * fpb, auto_register_policy_transforms=False,
-                              **({"num_collectors": cfg.num_collectors, "sync": True}
-                                 if cfg.num_collectors > 1 else {}))
+        collector = make_collector(env_fns, actor, cfg, frames_per_batch=fpb, total_frames=seg_batches * fpb,
+                                   device=device)
+        if on_ray:  # Ray's workers keep copies of the statistics: merged into ours after every batch
+            probe = make_env(cfg.env.name, segment_seed, None if obs_stats is None else obs_stats.clone(), cfg,
+                             num_envs=1, return_stats=None if scaled_rewards is None else scaled_rewards.clone())
+            stats_sync = RayStatistics(collector, probe, obs_stats=obs_stats, return_stats=scaled_rewards)
+            probe.close()
         eval_time = 0.0
         for batch in collector:
+            if on_ray:
+                batch = batch.flatten(0, 1)  # [workers, num_envs, T] -> [workers x num_envs, T]
+                stats_sync.sync()
             update_start = time.perf_counter()  # the update's own time, apart from collection (throughput)
             frames += batch.numel()
             done = batch["next", "done"].squeeze(-1)
@@ -232,7 +241,7 @@ def main(cfg: DictConfig) -> dict:
             row.update({f"time_{phase}_s": end - begin
                         for (phase, begin), end in zip(phase_start.items(), ends, strict=True)})
             updates.append(row)
-            if cfg.num_collectors > 1:
+            if distributed:
                 collector.update_policy_weights_()
             for key, value in row.items():
                 if key != "frames" and not math.isnan(value):

@@ -70,8 +70,12 @@ def test_recipe_runs_and_writes_summary_plot_and_logs(tmp_path, env, algo, polic
     recorded = json.loads(NUMBERS.read_text())[f"{env}/{algo}/{policy}"]
     got = _numbers(tmp_path)
     assert sorted(got) == sorted(recorded)
+    # rel=1e-3: rounding, amplified. With the package builds of 2026-12-04 (numpy 2.4.6, mujoco 4.0.1,
+    # tensordict 0.14.3) the untrained policy's evaluation already differs from the recording's by 1.6e-8
+    # relative, which four updates carry to 3e-5 (Gaussian policy) and 4.2e-4 (sampled: its draws amplify it) in the
+    # multiplier, the largest drift; a change of the maths moves these numbers by far more.
     for key, values in recorded.items():
-        assert got[key] == pytest.approx(values, rel=1e-4, abs=1e-6, nan_ok=True), key
+        assert got[key] == pytest.approx(values, rel=1e-3, abs=1e-6, nan_ok=True), key
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     # the update's phases add up to its time

@@ -13,6 +13,7 @@ matplotlib); import it explicitly::
 - ``obs_norm``: the running observation normalisation (VecNormV2's maths on plain tensors);
 - ``reward_scaling``: rewards scaled by the discounted return's running std (SB3's VecNormalize), or the
   critic's targets by the lambda-returns' (Tianshou's rew_norm);
+- ``collection``: the collector (this process, local workers or Ray actors) and the Ray workers' statistics;
 - ``optim``: the optimiser (Adam or RMSprop) and the learning-rate schedule;
 - ``config``: the config checks and the process-wide settings of a run;
 - ``checkpoint``: RNG states, atomic checkpoints, CSV logs cut back on resume;
@@ -43,8 +44,18 @@ from torchrl_ot.training.checkpoint import (
     set_rng_state,
     truncate_csv_logs,
 )
+from torchrl_ot.training.collection import (
+    COLLECTOR_BACKENDS,
+    RayStatistics,
+    check_collector_config,
+    make_collector,
+    merge_ema_stats,
+    merge_moment_stats,
+    ray_available,
+)
 from torchrl_ot.training.config import (
     check_config,
+    check_device,
     check_run_dir,
     check_tabular_config,
     epochs_and_minibatches,
@@ -66,6 +77,14 @@ from torchrl_ot.training.summary import PHASES, make_logger, make_summary, plot_
 __all__ = [
     "A2C",
     "ALGORITHMS",
+    "COLLECTOR_BACKENDS",
+    "RayStatistics",
+    "check_collector_config",
+    "check_device",
+    "make_collector",
+    "merge_ema_stats",
+    "merge_moment_stats",
+    "ray_available",
     "EVAL_SEED_OFFSET",
     "PHASES",
     "OPTIMIZERS",

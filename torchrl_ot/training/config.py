@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from torchrl_ot.training.algorithms import algorithm_class
+from torchrl_ot.training.collection import check_collector_config
 from torchrl_ot.training.env import check_env_name
 from torchrl_ot.training.optim import OPTIMIZERS
 
@@ -74,7 +75,36 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"recompute_advantage=true applies to algo in {RECOMPUTE_ALGOS} (their minibatch steps read "
                          f"the advantages), not to algo={cfg.algo.name!r}: its step before the epochs uses the "
                          "batch's advantages as computed once")
+    check_collector_config(cfg)
+    check_device(cfg.get("device", "cpu"))
     check_env_name(cfg.env.name)
+
+
+def check_device(device: object) -> torch.device:
+    """``device`` as a ``torch.device``: ``cpu``, or ``cuda`` / ``cuda:N`` where torch sees that GPU; anything
+    else raises a ``ValueError`` naming the option.
+
+    >>> check_device("cpu")
+    device(type='cpu')
+    >>> check_device("tpu")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'
+    """
+    try:
+        parsed = torch.device(device) if isinstance(device, str) else None
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} asked, but torch sees no CUDA device on this machine "
+                             f"(torch {torch.__version__}, torch.cuda.is_available() is False): use device=cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"indices 0-{torch.cuda.device_count() - 1}")
+    return parsed
 
 
 def check_tabular_config(cfg: DictConfig) -> None:

@@ -127,17 +127,19 @@ def new_obs_stats(obs_dim: int) -> TensorDict:
 
 
 def evaluate(actor: TensorDictModuleBase, cfg: DictConfig, obs_stats: TensorDict | None,
-             horizon: int) -> list[float]:
+             horizon: int, *, device: torch.device | None = None) -> list[float]:
     """First-episode returns of ``cfg.eval_episodes`` copies of the env run side by side with the
     deterministic policy for at most ``horizon`` steps, seeded ``cfg.seed + 10000`` every time
     (evaluations differ only through the policy), normalised with frozen statistics. The torch RNG is
-    forked, so evaluating never changes what training does."""
+    forked, so evaluating never changes what training does. ``device``: the actor's, when not the CPU (the
+    env's steps are cast there and back, TorchRL's ``auto_cast_to_device``)."""
     # Before any training step the statistics are empty (count 0): let the evaluation's own copy warm up.
     frozen = obs_stats is not None and bool(obs_stats["count", "observation"] > 0)
     env = make_env(cfg.env.name, cfg.seed + EVAL_SEED_OFFSET, None if obs_stats is None else obs_stats.clone(),
                    cfg, num_envs=cfg.eval_episodes, frozen=frozen)
     with torch.random.fork_rng(devices=[]), torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
-        rollout = env.rollout(horizon, actor, break_when_any_done=False)  # finished copies are reset
+        rollout = env.rollout(horizon, actor, break_when_any_done=False,  # finished copies are reset
+                              auto_cast_to_device=device is not None and device.type != "cpu")
     env.close()
     reward = rollout["next", "reward"].squeeze(-1).double()
     done = rollout["next", "done"].squeeze(-1).long()

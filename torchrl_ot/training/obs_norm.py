@@ -52,7 +52,16 @@ class RunningObsNorm(Transform):
                              f"missing {missing}")
         super().__init__(in_keys=[key], out_keys=[key])
         self.key, self.decay, self.eps, self.frozen = key, float(decay), float(eps), frozen
+        self.stats = stats
         self.loc, self.var, self.count = (stats[entry(name)] for name in ("loc", "var", "count"))
+
+    def stats_snapshot(self) -> TensorDict:
+        """A copy of the statistics (what a Ray worker hands the learner: ``training.collection``)."""
+        return self.stats.clone()
+
+    def load_stats_(self, stats: TensorDictBase) -> None:
+        """Overwrite the statistics in place with ``stats`` (same layout)."""
+        self.stats.update_(stats)
 
     def freeze(self) -> RunningObsNorm:
         """Normalise without updating the statistics (evaluation)."""

@@ -89,6 +89,14 @@ class ReturnScaling(Transform):
         self.stats, self.gamma, self.eps, self.clip, self.frozen = stats, float(gamma), float(eps), float(clip), frozen
         self.returns: torch.Tensor | None = None
 
+    def stats_snapshot(self) -> TensorDict:
+        """A copy of the statistics (what a Ray worker hands the learner: ``training.collection``)."""
+        return self.stats.clone()
+
+    def load_stats_(self, stats: TensorDictBase) -> None:
+        """Overwrite the statistics in place with ``stats`` (same layout); the copies' returns ``R`` stay."""
+        self.stats.update_(stats)
+
     def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
         reward = next_tensordict.get("reward")
         r = reward.to(torch.float64)
