@@ -7,7 +7,8 @@ On tabular environments (Discrete observations and actions: Taxi, CliffWalking, 
 discrete environments), i.e. ``recipes/tabular.py`` with the same frame budget, seed and evaluation,
 while PPO, A2C and TRPO are networks seeing one-hot states. ``ot_trpo_net`` / ``wpo_net`` (opt-in)
 run the network OT-TRPO / WPO of ``recipes/train.py`` on those environments too. ``wpo`` runs only
-where actions are discrete.
+where actions are discrete; ``bgpg`` and ``wnpg`` (opt-in: the paper's Wasserstein baselines) only where they are
+continuous.
 
 Runs go ``--jobs`` at a time into ``--out/<env>/<algo>/seed<k>``; a finished run (``summary.json``)
 is reused and an interrupted network run resumes from its checkpoint, so a killed benchmark
@@ -56,6 +57,7 @@ import torchrl_ot  # noqa: E402,F401  (registers NChain-v0)
 
 ALGOS = ["ot_trpo", "ppo", "a2c", "trpo", "wpo"]
 NETWORK_ON_TABULAR = ["ot_trpo_net", "wpo_net"]  # opt-in: recipes/train.py's OT-TRPO / WPO on tabular envs
+WASSERSTEIN = ["bgpg", "wnpg"]  # opt-in: the paper's Wasserstein baselines, continuous actions only
 ENVS = ["Taxi-v4", "CliffWalking-v1", "NChain-v0", "FrozenLake-v1", "CartPole-v1", "Acrobot-v1", "Pendulum-v1",
         "Swimmer-v5", "Hopper-v5", "HalfCheetah-v5"]
 # Envs with their own config (recipes/conf/train/env/); the others run with the default env group and env.name=.
@@ -78,6 +80,8 @@ def runs_on(env: str, algo: str) -> bool:
     discrete, tabular = spaces(env)
     if algo in NETWORK_ON_TABULAR:
         return tabular
+    if algo in WASSERSTEIN:
+        return not discrete
     return discrete or algo != "wpo"
 
 
@@ -167,7 +171,7 @@ def positive_int(text: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--envs", nargs="+", default=ENVS)
-    parser.add_argument("--algos", nargs="+", default=ALGOS, choices=ALGOS + NETWORK_ON_TABULAR)
+    parser.add_argument("--algos", nargs="+", default=ALGOS, choices=ALGOS + NETWORK_ON_TABULAR + WASSERSTEIN)
     parser.add_argument("--seeds", type=positive_int, default=5, help="N seeds from --first-seed (default 5)")
     parser.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0): seeds K..K+N-1")
     parser.add_argument("--ten-seeds", action="store_true", help="10 seeds, as the paper's Figure 1")

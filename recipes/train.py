@@ -144,6 +144,7 @@ def main(cfg: DictConfig) -> dict:
         if head is not None:
             head.load_state_dict(ckpt["advantage"])
         optim.load_state_dict(ckpt["optimizer"])
+        algorithm.load_state_dict(ckpt.get("algorithm") or {})  # WNPG's adaptive damping; {} for most
         if obs_stats is not None:
             obs_stats.update_(ckpt["obs_stats"])
         if return_stats is not None:
@@ -260,7 +261,7 @@ def main(cfg: DictConfig) -> dict:
         save_checkpoint(ckpt_path, {
             "actor": actor.state_dict(), "critic": critic.state_dict(),
             "advantage": None if head is None else head.state_dict(), "optimizer": optim.state_dict(),
-            "obs_stats": None if obs_stats is None else obs_stats.clone(),
+            "algorithm": algorithm.state_dict(), "obs_stats": None if obs_stats is None else obs_stats.clone(),
             "return_stats": None if return_stats is None else return_stats.clone(), "frames": frames,
             "next_segment_seed": cfg.seed + frames, "train_time": train_time,
             "wall_time_s": wall_before + time.perf_counter() - start, "history": history,

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from compare import verdict  # noqa: E402
+from compare import runs_on, verdict  # noqa: E402
 from throughput import schedule  # noqa: E402
 
 TINY = ["--frames", "512", "--eval-episodes", "2", "frames_per_batch=256", "num_envs=4", "num_epochs=1",
@@ -125,3 +125,9 @@ def test_verdict_of_an_incomplete_row_is_open_with_the_counts():
     finals = {"ot_trpo": [270.0, 275.0, 272.0], "ppo": [130.0], "a2c": [], "trpo": [50.0, 60.0, 70.0]}
     assert verdict("Swimmer-v5", finals, seeds=3) == "open: ppo 1/3, a2c 0/3 seeds"
     assert verdict("Swimmer-v5", {a: v for a, v in finals.items() if len(v) == 3}, seeds=3) == "met"
+
+
+def test_wasserstein_baselines_run_only_on_continuous_actions():
+    assert runs_on("Pendulum-v1", "bgpg") and runs_on("Hopper-v5", "wnpg")
+    assert not runs_on("CartPole-v1", "bgpg") and not runs_on("Taxi-v4", "wnpg")
+    assert runs_on("CartPole-v1", "ppo") and not runs_on("Pendulum-v1", "wpo")  # unchanged

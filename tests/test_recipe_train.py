@@ -190,9 +190,11 @@ def _assert_same_run(a: Path, b: Path):
 
 
 @pytest.mark.parametrize("options", [[], ["algo=a2c", "reward_scaling.enabled=true", "action_bound=clip",
-                                           "optimizer=rmsprop", "lr_anneal_frames=3000"]])
+                                           "optimizer=rmsprop", "lr_anneal_frames=3000"],
+                                     ["algo=wnpg", "algo.dual_steps=2"]])
 def test_resume_after_stop_matches_uninterrupted_run(tmp_path, options):
-    # The second case: the baselines' pipeline options, whose return statistics are checkpointed too.
+    # The second case: the baselines' pipeline options, whose return statistics are checkpointed too; the third:
+    # WNPG, whose adaptive damping is.
     common = ["env=Pendulum-v1", *_tiny(), "seed=3", *options]
     a, b = tmp_path / "a", tmp_path / "b"
     proc = _run(*common, f"hydra.run.dir={a}")

@@ -11,6 +11,9 @@ fills those hooks; the base class fills them with nothing, which is PPO and A2C:
 - ``trpo``: before, normalise the advantages and take the actor's natural-gradient step; the
   minibatches then train the critic only.
 - ``ppo``, ``a2c``: nothing around the epochs (ClipPPOLoss normalises per minibatch).
+- ``bgpg``, ``wnpg``: before, the behaviour policy's M action draws per state and cleared dual vectors; each
+  minibatch step is then BGPG's penalised loss (:class:`torchrl_ot.BGPGLoss`), for ``wnpg`` along its
+  Wasserstein natural gradient (:class:`torchrl_ot.WNPGLoss`).
 
 Build one with :func:`make_algorithm`; :func:`make_loss` is its loss alone.
 """
@@ -29,7 +32,19 @@ from torchrl.modules import ProbabilisticActor, ValueOperator
 from torchrl.objectives import A2CLoss, ClipPPOLoss, LossModule
 from torchrl.objectives.utils import ValueEstimators
 
-from torchrl_ot import DiscreteMetricCost, EuclideanCost, OTTrustRegionLoss, TransportCost, TRPOLoss
+from torchrl_ot import (
+    BGPGLoss,
+    DiscreteMetricCost,
+    EuclideanCost,
+    OTTrustRegionLoss,
+    TransportCost,
+    TRPOLoss,
+    WNPGLoss,
+)
+from torchrl_ot.bgpg import DUAL_WARM_STARTS
+from torchrl_ot.training.optim import scheduled_lr
+from torchrl_ot.validation import check_bool, check_choice, check_positive_int, check_real
+from torchrl_ot.wnpg import DAMPING_SCHEDULES, KERNELS
 
 # Batch entries that no loss reads once the advantages are computed (left out of the minibatches).
 UNUSED_AFTER_ADVANTAGES = ("next", "collector", "done", "terminated", "truncated", "episode_reward", "step_count")
@@ -134,6 +149,14 @@ class Algorithm:
     def summary(self) -> dict[str, str | float | None]:
         """The run summary's ``cost`` (the config choice), ``cost_fn`` and ``epsilon``."""
         return {"cost": None, "cost_fn": None, "epsilon": None}
+
+    def state_dict(self) -> dict:
+        """What the algorithm carries from batch to batch outside the networks and the optimiser (checkpointed
+        for an exact resume; nothing for most)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output."""
 
 
 class OTTrustRegion(Algorithm):
@@ -296,8 +319,145 @@ class TRPO(Algorithm):
         return sum(v for k, v in out.items() if k.startswith("loss_") and k != "loss_objective")
 
 
+class BGPG(Algorithm):
+    """Behavior-Guided Policy Gradient (``algo=bgpg``, :class:`torchrl_ot.BGPGLoss`): before the epochs, M draws
+    of the behaviour policy per state and cleared dual vectors (the WNPG code's ``clear_beta``); every minibatch
+    step then runs the dual ascent and minimises the surrogate + the Wasserstein penalty + the critic's loss, by
+    the recipe's Adam step. Continuous actions only (the penalty's gradient goes through ``rsample``)."""
+
+    #: The ``algo`` keys it reads (anything else is refused: a typo would silently run the defaults).
+    KEYS = frozenset({"name", "init_scale", "num_epochs", "num_minibatches", "penalty_coeff", "num_action_samples",
+                      "num_features", "feature_bandwidth", "smoothing", "dual_steps", "dual_lr", "dual_warm_start",
+                      "clip_epsilon", "normalize_advantage", "entropy_coeff", "critic_coeff", "loss_critic_type"})
+    loss_class: type[BGPGLoss] = BGPGLoss
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        algo = cfg.algo
+        unknown = sorted(set(algo) - cls.KEYS)
+        if unknown:
+            raise ValueError(f"unknown algo option(s) {unknown} for algo={algo.name}; its options: {sorted(cls.KEYS)}")
+        missing = sorted(cls.KEYS - {"num_epochs", "num_minibatches"} - set(algo))
+        if missing:
+            raise ValueError(f"algo={algo.name} needs algo option(s) {missing} (see recipes/conf/train/algo/)")
+        for key, minimum in (("num_action_samples", 1), ("num_features", 1), ("dual_steps", 0)):
+            check_positive_int(f"algo.{key}", algo[key], minimum=minimum)
+        for key, low, low_open in (("penalty_coeff", 0, False), ("feature_bandwidth", 0, True), ("smoothing", 0, True),
+                                   ("dual_lr", 0, False), ("critic_coeff", 0, False), ("init_scale", 0, True)):
+            check_real(f"algo.{key}", algo[key], low=low, low_open=low_open)
+        check_real("algo.clip_epsilon", algo.clip_epsilon, low=0, low_open=True, allow_none=True)
+        check_real("algo.entropy_coeff", algo.entropy_coeff)
+        check_choice("algo.dual_warm_start", algo.dual_warm_start, DUAL_WARM_STARTS)
+        check_choice("algo.loss_critic_type", algo.loss_critic_type, ("l1", "l2", "smooth_l1"))
+        check_bool("algo.normalize_advantage", algo.normalize_advantage)
+
+    def __init__(self, cfg: DictConfig, policy: str, discrete: bool, actor: ProbabilisticActor,
+                 critic: ValueOperator, head: TensorDictModule | None) -> None:
+        if discrete:
+            raise ValueError(f"algo={cfg.algo.name} is a continuous-action baseline (its penalty differentiates "
+                             f"reparameterised actions); {cfg.env.name} has discrete actions")
+        super().__init__(cfg, policy, discrete, actor, critic, head)
+        self._wasserstein: list[torch.Tensor] = []
+
+    def loss_kwargs(self) -> dict:
+        algo = self.cfg.algo
+        return dict(penalty_coeff=algo.penalty_coeff, num_action_samples=algo.num_action_samples,
+                    num_features=algo.num_features, feature_bandwidth=algo.feature_bandwidth,
+                    smoothing=algo.smoothing, dual_steps=algo.dual_steps, dual_lr=algo.dual_lr,
+                    dual_warm_start=algo.dual_warm_start, clip_epsilon=algo.clip_epsilon,
+                    normalize_advantage=algo.normalize_advantage, entropy_coeff=algo.entropy_coeff or None,
+                    critic_coeff=algo.critic_coeff, loss_critic_type=algo.loss_critic_type, functional=self.functional)
+
+    def make_loss(self, actor: ProbabilisticActor, critic: ValueOperator, head: TensorDictModule | None,
+                  discrete: bool) -> LossModule:
+        return self.loss_class(actor, critic, **self.loss_kwargs())
+
+    def before_epochs(self, batch: TensorDictBase, row: dict[str, float]) -> None:
+        self.loss_module.start_batch(batch)  # from the batch's stored loc/scale: the behaviour policy
+        self._wasserstein = []
+
+    def minibatch_loss(self, out: TensorDictBase) -> torch.Tensor:
+        self._wasserstein.append(out["wasserstein"])
+        return super().minibatch_loss(out)
+
+    def after_epochs(self, batch: TensorDictBase, row: dict[str, float]) -> None:
+        # The penalty's estimate (before penalty_coeff), averaged over the update's steps; one sync per batch.
+        row["wasserstein"] = torch.stack(self._wasserstein).mean().item()
+
+    def progress(self, row: dict[str, float]) -> dict[str, str]:
+        return {"W": f"{row['wasserstein']:.3g}"}
+
+
+class WNPG(BGPG):
+    """Wasserstein Natural Policy Gradient (``algo=wnpg``, :class:`torchrl_ot.WNPGLoss`): BGPG's loss, its
+    gradient preconditioned by the kernel estimate of the Wasserstein information matrix in every minibatch step.
+    The step hands the recipe a scalar whose gradient is the natural gradient (already rescaled to unit norm above
+    0.5, the code's safeguard); the recipe's clipping to ``max_grad_norm`` (0.5) then shortens such a step to 0.5,
+    which Adam's normalisation all but undoes. The estimator's adaptive damping is checkpointed
+    (:meth:`state_dict`), so a resumed run continues it."""
+
+    KEYS = BGPG.KEYS | {"kernel", "num_basis", "log_bandwidth", "damping", "damping_schedule", "diag_scaling",
+                        "natural_clip"}
+    loss_class = WNPGLoss
+
+    def state_dict(self) -> dict:
+        return {"natural": self.loss_module.natural.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss_module.natural.load_state_dict(state["natural"])
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        super().check_config(cfg)
+        algo = cfg.algo
+        check_choice("algo.kernel", algo.kernel, KERNELS)
+        check_choice("algo.damping_schedule", algo.damping_schedule, DAMPING_SCHEDULES)
+        check_real("algo.damping", algo.damping, low=0, low_open=True)
+        check_real("algo.log_bandwidth", algo.log_bandwidth)
+        check_real("algo.natural_clip", algo.natural_clip, low=0, low_open=True, allow_none=True)
+        check_bool("algo.diag_scaling", algo.diag_scaling)
+        check_positive_int("algo.num_basis", algo.num_basis)
+        num_minibatches = algo.get("num_minibatches") or cfg.num_minibatches
+        rows = cfg.frames_per_batch // num_minibatches
+        if algo.num_basis > rows:
+            raise ValueError(f"algo.num_basis={algo.num_basis} basis points are drawn from a minibatch's "
+                             f"{rows} states (frames_per_batch / num_minibatches): it must be in [1, {rows}]")
+
+    def __init__(self, cfg: DictConfig, policy: str, discrete: bool, actor: ProbabilisticActor,
+                 critic: ValueOperator, head: TensorDictModule | None) -> None:
+        super().__init__(cfg, policy, discrete, actor, critic, head)
+        self.lr = float(cfg.lr)
+        self._info: list[dict[str, float]] = []
+
+    def loss_kwargs(self) -> dict:
+        algo = self.cfg.algo
+        return {**super().loss_kwargs(), "kernel": algo.kernel, "num_basis": algo.num_basis,
+                "log_bandwidth": algo.log_bandwidth, "damping": algo.damping,
+                "damping_schedule": algo.damping_schedule, "diag_scaling": algo.diag_scaling,
+                "natural_clip": algo.natural_clip}
+
+    def before_epochs(self, batch: TensorDictBase, row: dict[str, float]) -> None:
+        super().before_epochs(batch, row)
+        # The optimiser's lr for this batch, as the recipe schedules it (the damping's reduction ratio reads it).
+        total_batches = math.ceil(self.cfg.total_frames / self.cfg.frames_per_batch)
+        self.lr = scheduled_lr(self.cfg, row["frames"] // self.cfg.frames_per_batch - 1, total_batches)
+        self._info = []
+
+    def minibatch_loss(self, out: TensorDictBase) -> torch.Tensor:
+        self._wasserstein.append(out["wasserstein"])
+        surrogate, info = self.loss_module.natural_gradient_loss(out, self.lr)
+        self._info.append(info)
+        return surrogate
+
+    def after_epochs(self, batch: TensorDictBase, row: dict[str, float]) -> None:
+        super().after_epochs(batch, row)
+        for key in ("natural_fallback", "natural_rescaled", "natural_cosine"):
+            row[key] = sum(i[key] for i in self._info) / len(self._info)
+        row["damping"] = self.loss_module.natural.damping
+
+
 ALGORITHMS: dict[str, type[Algorithm]] = {"ot_trpo": OTTrustRegion, "wpo": OTTrustRegion, "ppo": PPO, "a2c": A2C,
-                                          "trpo": TRPO}
+                                          "trpo": TRPO, "bgpg": BGPG, "wnpg": WNPG}
 
 
 def algorithm_class(name: str) -> type[Algorithm]:
@@ -320,5 +480,5 @@ def make_algorithm(cfg: DictConfig, policy: str, discrete: bool, actor: Probabil
 def make_loss(cfg: DictConfig, policy: str, discrete: bool, actor: ProbabilisticActor, critic: ValueOperator,
               head: TensorDictModule | None) -> LossModule:
     """The loss for ``cfg.algo.name`` (OTTrustRegionLoss for ot_trpo and wpo, TorchRL's ClipPPOLoss and
-    A2CLoss, TRPOLoss) with its value estimator: :func:`make_algorithm`'s, without the hooks."""
+    A2CLoss, TRPOLoss, BGPGLoss, WNPGLoss) with its value estimator: :func:`make_algorithm`'s, without the hooks."""
     return make_algorithm(cfg, policy, discrete, actor, critic, head).loss_module
