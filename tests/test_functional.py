@@ -921,6 +921,152 @@ def test_tabular_rejects_bad_epsilon(eps):
 
 
 # ----------------------------------------------------------------------------------------------
+# 5. K = 2: the chunked fast path against the general envelope walk
+
+
+def _with_dominated(adv, cost):
+    """The same problem plus a third candidate that is never a maximiser for lam >= 0 (lower advantage and
+    higher cost than both): solve_dual takes the general walk on it, whose breakpoints and drops are those
+    of the two-candidate problem bit for bit, so it must give the same lam*, indices and sums."""
+    far = 10.0 * (1.0 + float(adv.abs().max()) + float(cost.max()))
+    return (torch.cat([adv, adv.amin(1, keepdim=True) - far], 1),
+            torch.cat([cost, cost.amax(1, keepdim=True) + far], 1))
+
+
+def make_two(B, seed, dtype, *, regime="moderate", stay=0.3, swap=False, ties=0.0, zero_dc=0.05, zero_w=0.2):
+    """Two candidates per sample: normal advantages, exponential costs (c0 != 0 in general); a share ``stay``
+    of the rows has the zero "stay" candidate in column 0, ``zero_dc`` equal costs (no breakpoint), ``ties``
+    equal advantages (da = 0) and ``zero_w`` zero weight; ``swap`` exchanges the columns."""
+    rng = np.random.default_rng(seed)
+    adv, cost = rng.normal(size=(B, 2)), rng.exponential(size=(B, 2))
+    rows = rng.random(B) < stay
+    adv[rows, 0], cost[rows, 0] = 0.0, 0.0
+    rows = rng.random(B) < zero_dc
+    cost[rows, 1] = cost[rows, 0]
+    rows = rng.random(B) < ties
+    adv[rows, 1] = adv[rows, 0]
+    w = rng.uniform(size=B)
+    w[rng.random(B) < zero_w] = 0.0
+    w[0] = max(w[0], 0.5)
+    w /= w.sum()
+    if swap:
+        adv, cost = adv[:, ::-1].copy(), cost[:, ::-1].copy()
+    t_adv, t_cost, t_w = (torch.tensor(x, dtype=dtype) for x in (adv, cost, w))
+    a, c, w = (x.double().numpy() for x in (t_adv, t_cost, t_w))
+    c_min, c_low0 = float((w * c.min(1)).sum()), np_low0_cost(a, c, w)
+    share = {"moderate": float(rng.uniform(0.05, 0.95)), "tight": 3e-4, "loose": 0.9997, "inactive": 1.5}[regime]
+    eps = max(c_min + share * (c_low0 - c_min), c_min * (1 + 1e-6) + 1e-9)
+    return t_adv, t_cost, t_w, eps
+
+
+def assert_same_solution(sol, ref, adv, cost, w):
+    """``sol`` (K = 2) and ``ref`` (the general walk) agree: lam* and the indices exactly, the sums to rounding."""
+    dtype = adv.dtype
+    assert sol.num_candidates == 2 and sol.low_index.dtype == sol.high_index.dtype == torch.long
+    for f in ("multiplier", "dual_value", "low_cost", "high_cost", "split"):
+        assert getattr(sol, f).dtype == dtype, f
+    assert float(sol.multiplier) == float(ref.multiplier)
+    assert torch.equal(sol.low_index, ref.low_index)
+    assert torch.equal(sol.high_index, ref.high_index)
+    rel = 1e-12 if dtype == F64 else 1e-6
+    a, c, w = (x.double().numpy() for x in (adv, cost, w))
+    scale = float((w * (np.abs(a).sum(1) + float(ref.multiplier) * c.sum(1))).sum()) + 1e-300
+    assert abs(float(sol.dual_value) - float(ref.dual_value)) <= rel * scale
+    for f in ("low_cost", "high_cost"):
+        assert float(getattr(sol, f)) == pytest.approx(float(getattr(ref, f)), rel=rel, abs=1e-300), f
+    # t* = (c_high - eps) / (c_high - c_low) cancels in the general path's float64 sums of B terms (the fast path
+    # sums c_high - c_low from the ties at lam* alone); in float32 both sum the same float32 products.
+    assert abs(float(sol.split) - float(ref.split)) <= (1e-8 if dtype == F64 else 1e-6)
+
+
+TWO_CASES = [
+    # (B, regime, variant): B below and above one chunk (65536 rows) and the size that samples rows first
+    (1, "moderate", "plain"), (7, "moderate", "plain"), (7, "inactive", "plain"), (500, "moderate", "swap"),
+    (500, "tight", "plain"), (500, "loose", "stay"), (5000, "moderate", "plain"), (5000, "inactive", "swap"),
+    (70_000, "moderate", "plain"), (70_000, "tight", "swap"), (70_000, "loose", "plain"),
+    (70_000, "inactive", "plain"), (200_000, "moderate", "stay"), (200_000, "moderate", "zero_dc"),
+]
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("B,regime,variant", TWO_CASES, ids=["-".join(map(str, c)) for c in TWO_CASES])
+def test_two_candidates_fast_path_matches_general_walk(B, regime, variant, dtype):
+    from torchrl_ot.functional import dual
+
+    opts = {"plain": {}, "swap": {"swap": True}, "stay": {"stay": 1.0}, "zero_dc": {"zero_dc": 0.3}}[variant]
+    adv, cost, w, eps = make_two(B, 1000 + B, dtype, regime=regime, **opts)
+    fast = dual._solve_two(adv, cost, w, eps)
+    assert fast is not None  # no ties, nothing extreme: the fast path must decide
+    sol = solve_dual(adv, cost, w, eps)
+    ref = solve_dual(*_with_dominated(adv, cost), w, eps)
+    assert_same_solution(sol, ref, adv, cost, w)
+    assert float(fast.multiplier) == float(sol.multiplier) and torch.equal(fast.low_index, sol.low_index)
+    if B >= 500:  # (a handful of samples may have no breakpoint at all)
+        assert (float(sol.multiplier) > 0) == (regime != "inactive")
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("B", [50, 70_000])
+def test_two_candidates_ties_defer_to_the_general_walk(B, dtype):
+    """da = 0 (equal advantages): low0 is the cheaper candidate, which the fast path leaves to the general walk."""
+    from torchrl_ot.functional import dual
+
+    adv, cost, w, eps = make_two(B, 7 + B, dtype, ties=0.1)
+    assert dual._solve_two(adv, cost, w, eps) is None
+    assert_same_solution(solve_dual(adv, cost, w, eps), solve_dual(*_with_dominated(adv, cost), w, eps), adv, cost, w)
+
+
+@pytest.mark.parametrize("miss", ["below", "above", "none", "point"])
+@pytest.mark.parametrize("regime", ["moderate", "inactive"])
+def test_two_candidates_bracket_miss_recovers(monkeypatch, miss, regime):
+    """A sampled bracket that misses lam* costs a second pass over the rows, never exactness."""
+    from torchrl_ot.functional import dual
+
+    adv, cost, w, eps = make_two(100_000, 5, F64, regime=regime)
+    ref = solve_dual(*_with_dominated(adv, cost), w, eps)
+    lam = float(ref.multiplier) or 1.0
+    wrong = {"below": (0.0, lam / 2), "above": (2 * lam, np.inf), "none": None, "point": (lam, lam)}[miss]
+    monkeypatch.setattr(dual, "_row_bracket", lambda *args: wrong)
+    assert dual._solve_two(adv, cost, w, eps) is not None
+    assert_same_solution(solve_dual(adv, cost, w, eps), ref, adv, cost, w)
+
+
+@pytest.mark.parametrize("case", ["adv_nan", "adv_inf", "cost_negative", "cost_nan", "weight_negative", "weight_inf",
+                                  "infeasible", "eps_and_cost"])
+def test_two_candidates_large_batch_errors_as_before(case):
+    adv, cost, w, eps = make_two(100_000, 3, F64)
+    where = 54_321
+    if case == "adv_nan":
+        adv[where, 1], name = float("nan"), "advantage"
+    elif case == "adv_inf":
+        adv[where, 0], name = float("inf"), "advantage"
+    elif case == "cost_negative":
+        cost[where, 1], name = -1e-3, "cost"
+    elif case == "cost_nan":
+        cost[where, 0], name = float("nan"), "cost"
+    elif case == "weight_negative":
+        w[where], name = -1e-9, "weight"
+    elif case == "weight_inf":
+        w[where], name = float("inf"), "weight"
+    elif case == "infeasible":
+        cost, eps, name = cost + 1.0, 0.5, "infeasible"
+    else:  # both bad: the values are refused first, as always
+        cost[where, 1], eps, name = -1.0, -0.1, "cost"
+    with pytest.raises(ValueError, match=name):
+        solve_dual(adv, cost, w, eps)
+
+
+def test_two_candidates_near_overflow_defers():
+    """Magnitudes where a sum could overflow are left to the general walk (which refuses or solves them)."""
+    from torchrl_ot.functional import dual
+
+    adv, cost, w, eps = make_two(1000, 11, F64)
+    big = 1e305
+    assert dual._solve_two(adv * big, cost * big, w, eps * big) is None
+    assert dual._solve_two(adv * 1e-3, cost, w, eps) is not None
+
+
+# ----------------------------------------------------------------------------------------------
 # 6. CUDA
 
 

@@ -10,7 +10,9 @@ G is convex and piecewise linear. :func:`solve_dual` computes its minimiser *exa
 each sample's upper envelope (at most K - 1 breakpoints, vectorised over samples), then finds
 lam* as the weighted quantile of the breakpoints at which the right derivative
 ``epsilon - sum_b w_b c[b, low_b(lam)]`` turns non-negative, by a linear-time weighted selection.
-No tolerance, no iterations to convergence: lam* is one of the breakpoints (or 0).
+No tolerance, no iterations to convergence: lam* is one of the breakpoints (or 0). For K = 2 on the
+CPU (the hinge of Section 5) a chunked path finds the same lam* and indices with a single pass over the
+inputs, deferring to the general one wherever it could not decide as it does (:func:`_solve_two`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -78,6 +81,12 @@ class DualSolution:
 
 def _check_dual_inputs(advantage: Tensor, cost: Tensor, weight: Tensor, epsilon: float | Tensor, *,
                        detach: bool = True):
+    advantage, cost, weight = _dual_tensors(advantage, cost, weight, detach=detach)
+    return advantage, cost, weight, _check_dual_values(advantage, cost, weight, epsilon)
+
+
+def _dual_tensors(advantage: Tensor, cost: Tensor, weight: Tensor, *, detach: bool = True):
+    """Type, shape and device checks; the three in their promoted dtype. No pass over the values."""
     for name, x in (("advantage", advantage), ("cost", cost), ("weight", weight)):
         check_tensor(name, x, floating=True)
     if advantage.dim() != 2:
@@ -93,12 +102,16 @@ def _check_dual_inputs(advantage: Tensor, cost: Tensor, weight: Tensor, epsilon:
     if advantage.shape[1] == 0:
         raise ValueError("advantage has no candidates: K must be at least 1")
     dtype = torch.promote_types(torch.promote_types(advantage.dtype, cost.dtype), weight.dtype)
-    device = check_same_device(advantage=advantage, cost=cost, weight=weight)
-    advantage, cost, weight = ((x.detach() if detach else x).to(dtype) for x in (advantage, cost, weight))
+    check_same_device(advantage=advantage, cost=cost, weight=weight)
+    return tuple((x.detach() if detach else x).to(dtype) for x in (advantage, cost, weight))
+
+
+def _check_dual_values(advantage: Tensor, cost: Tensor, weight: Tensor, epsilon: float | Tensor) -> Tensor:
+    """Refuse NaN, inf, a negative cost or weight, then a bad epsilon (in this order); epsilon as a tensor."""
     check_finite(advantage, "advantage")
     check_finite(cost, "cost", nonneg=True)
     check_finite(weight, "weight", nonneg=True)
-    return advantage, cost, weight, check_epsilon(epsilon, dtype, device)
+    return check_epsilon(epsilon, advantage.dtype, advantage.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,6 +248,387 @@ def _weighted_select(values: Tensor, weights: Tensor, need: Tensor) -> Tensor:
     return sorted_v[min(pos, sorted_v.numel() - 1)]
 
 
+# --------------------------------------------------------------------------------------------
+# two candidates on the CPU: a chunked exact path
+#
+# For K = 2 the envelope walk is one closed-form step per sample (_envelope_two), and what the
+# general path costs is data movement: gathers, `where` and boolean indexing on random masks, lists
+# of breakpoints -- tens of passes over [B]. This path reads the inputs once, in chunks of rows with
+# preallocated buffers (so that intermediates stay in cache), on numpy views of the tensors (numpy's
+# comparisons and `flatnonzero` are several times faster than torch's CPU kernels). That one pass checks
+# the values, computes the breakpoints and drop weights, and splits them at a bracket of lam* estimated
+# from a sample of rows: it sums the drops above the bracket, gathers the few breakpoints inside it, and
+# writes T_low and T_high for every sample outside it (moved below it, not above). A few rounds on the
+# gathered breakpoints find lam*; then only the samples in the bracket get their indices, and G(lam*)
+# follows from sums (no second pass).
+#
+# It is exact as the general path is, not merely close to it: breakpoints and drop weights come from
+# the same IEEE operations, so lam* is the same number and so are the indices. Only its sums run in
+# another order. Where a comparison that decides the result (feasibility, lam* = 0, which breakpoint
+# is lam*) lies within a band of 1e-12 of the sums' scale -- where two summation orders might
+# disagree -- or the input is unusual (NaN or inf, a tie at lam = 0, a breakpoint that underflows to
+# 0, magnitudes near overflow, lam* outside the normal range), it returns None, and the general path
+# decides or raises exactly as before.
+
+_CHUNK = 1 << 16  # rows per chunk: a float64 intermediate of a chunk is 512 KiB
+_SAMPLE = 4096  # breakpoints sampled to bracket lam* in a round of the selection
+_ROWS = 8192  # rows sampled to bracket lam* before pass 1, in blocks of _BLOCK consecutive rows
+_BLOCK = 16
+_Z_ROWS = 4.0  # standard errors each side of that bracket: a miss costs one more pass, not exactness
+_BAND = 1e-12  # relative width of the band in which this path's sums decide nothing (see above)
+_Z = 5.0  # standard errors of a sampled quantile on each side of its bracket
+
+
+def _solve_two(advantage: Tensor, cost: Tensor, weight: Tensor, epsilon: float | Tensor) -> DualSolution | None:
+    """:func:`solve_dual` for K = 2 on the CPU, or None where the general path must decide (see above).
+
+    Sample b's two lines cross at ``r_b = da_b / dc_b > 0`` (``da = a1 - a0``, ``dc = c1 - c0``) iff the
+    better line at lam = 0 is the costlier one; there its cost falls by ``|dc_b|`` and its advantage by
+    ``|da_b|``. By eq. 12, ``G'(lam+) = eps - c_low(lam)`` with ``c_low(lam) = c_min + S_gt(lam)``, where
+    ``S_gt(lam) = sum_{r_b > lam} w_b |dc_b|`` are the drops still ahead; lam* is the smallest breakpoint
+    at which they fit the budget ``eps - c_min``: the weighted quantile the general path selects, read
+    from the top. Then ``G(lam*) = lam* (eps - c_low) + sum_b w_b a[b, T_low(b)]``.
+    """
+    dt = advantage.dtype
+    if advantage.device.type != "cpu" or dt not in (torch.float32, torch.float64):
+        return None
+    try:
+        eps = check_epsilon(epsilon, dt, advantage.device)
+    except ValueError:  # the general path refuses it, after the inputs' values, as always
+        return None
+    try:
+        arrays = [x.numpy() for x in (advantage, cost, weight)]
+    except (RuntimeError, TypeError):  # no plain CPU memory behind it (a fake or functional tensor, say)
+        return None
+    with np.errstate(all="ignore"):  # x / 0 and 0 / 0 are expected below (and handled)
+        return _solve_two_np(*arrays, eps)
+
+
+def _solve_two_np(A: np.ndarray, C: np.ndarray, W: np.ndarray, eps_t: Tensor) -> DualSolution | None:
+    B, dt, eps = A.shape[0], A.dtype, float(eps_t)
+    n, tiny, big = min(B, _CHUNK), float(np.finfo(dt).tiny), float(np.finfo(dt).max) / 4
+    # The breakpoints pass 1 gathers, [lo, hi] (None: none). A small batch gathers them all; a large one
+    # only those in a bracket of lam* from a sample of rows. Should lam* lie outside, pass 1 runs again
+    # with the side that holds it: rarely, as the bracket is _Z_ROWS standard errors wide.
+    bracket = _row_bracket(A, C, W, eps) if B > 8 * _ROWS else (0.0, np.inf)
+    for _ in range(3):
+        p = _pass_one(A, C, W, bracket, n)
+        # While scale * (1 + lam*) < big, no difference, product or sum overflows, here or in the general path.
+        if not (p.valid and p.scale < big):  # NaN, inf or a negative cost or weight (the general path raises),
+            return None  # a tie at lam = 0, a breakpoint that underflows to 0, or magnitudes near overflow
+        c_low0 = p.c_min + p.s_cross + p.correction
+        band = _BAND * (c_low0 + eps)
+        if not p.c_min < eps - band:  # infeasible (the general path raises) or too close to call
+            return None
+        if c_low0 <= eps - band:  # the greedy update fits: lam* = 0, T_low = T_high = low0
+            if bracket is not None and bracket[0] > 0:  # pass 1 moved the samples below lo: undo
+                bracket = None
+                continue
+            return _two_solution(0.0, p.a_low0, c_low0, c_low0, 1.0, p.low, p.low, eps_t)
+        if not c_low0 >= eps + band:
+            return None
+        budget = eps - p.c_min - p.correction  # S_gt(lam*) <= budget: sum_{r_b <= lam*} drops >= c_low0 - eps
+        if bracket is None:
+            bracket = (0.0, np.inf)
+            continue
+        lo, hi = bracket
+        r_in, drop_in, gain_in, low0_in, rows_in = p.inside
+        values, weights = _keep(r_in, drop_in)
+        w_in = float(weights.sum(dtype=np.float64))
+        if p.w_above > budget:  # lam* > hi
+            bracket = (hi, np.inf)
+            continue
+        if lo > 0 and p.w_above + w_in <= budget:  # lam* < lo
+            bracket = (0.0, lo)
+            continue
+        picked = _tail_select(values, weights, w_in, budget, band, n, above=p.w_above)
+        if picked is None:
+            return None
+        lam, s_gt, s_ge = picked
+        if not (tiny <= lam and p.scale * (1 + lam) < big):  # lam* underflows or overflows: the general path
+            return None
+        # T_low and T_high of the samples in the bracket (pass 1 set the others): a crossing sample leaves low0
+        # at its breakpoint, T_low where r_b <= lam*, T_high where r_b < lam* (_piece_at, eq. 5).
+        moved = r_in <= lam  # every r_in > 0
+        low, high = p.low, p.low.copy()
+        low[rows_in] = low0_in ^ moved
+        high[rows_in] = low0_in ^ (r_in < lam)
+        if A.dtype == np.float64:
+            c_low, c_high = p.c_min + s_gt, p.c_min + s_ge  # to 4 ulp per term
+            # t* = (c_high - eps) / (c_high - c_low), eq. 6, with c_high - c_low summed from the ties at lam* alone.
+            split = min(max((s_ge - budget) / (s_ge - s_gt), 0.0), 1.0)
+        else:  # float32 drops round far beyond that: sum the general path's products, as it does
+            c_low, c_high = _weighted_cost(C, W, low, n), _weighted_cost(C, W, high, n)
+            split = min(max((c_high - eps) / (c_high - c_low), 0.0), 1.0) if c_high > c_low else 1.0
+        # G(lam*) = lam* eps + sum_b w_b (a[b, T_low] - lam* c[b, T_low]) (eq. 12); a moved sample's advantage
+        # falls by |da_b|.
+        dual = lam * (eps - c_low) + (p.a_low0 - p.lost_below - float(np.dot(gain_in, moved)))
+        return _two_solution(lam, dual, c_low, c_high, split, low, high, eps_t)
+    return None
+
+
+class _PassOne(NamedTuple):
+    valid: bool  # finite values, costs and weights >= 0, every r_b > 0 or < 0 (no tie, no underflow)
+    scale: float  # 3 B max(w, 1) max(|a|, c), a bound on every sum of weighted advantages or costs
+    c_min: float  # sum_b w_b min_k c_bk
+    s_cross: float  # all drops: sum_{r_b > 0} w_b |dc_b|
+    correction: float  # c_low0 - c_min - s_cross beyond float64 rounding (float32 only)
+    a_low0: float  # sum_b w_b a[b, low0]
+    w_above: float  # the drops above the bracket
+    lost_below: float  # sum_{0 < r_b < lo} w_b |da_b|: what the samples below the bracket lose in advantage
+    inside: tuple[np.ndarray, ...]  # r_b, drop, w_b |da_b|, low0 and b of the crossing samples in the bracket
+    low: np.ndarray  # T_low (as bool) but in the bracket; T_high differs from it only at lam*, in the bracket
+
+
+def _pass_one(A: np.ndarray, C: np.ndarray, W: np.ndarray, bracket: tuple[float, float] | None,
+              n: int) -> _PassOne:
+    """The one pass over the inputs: their values' checks, the breakpoints (split at ``bracket``), the sums,
+    and T_low outside the bracket.
+
+    Its cost is the number of numpy calls per chunk, so related rows share buffers: ``[da; dc]`` becomes
+    ``[w |da|; w |dc|]`` in two calls, and one matrix-vector product sums both below the bracket.
+    """
+    B, dt = A.shape[0], A.dtype
+    wide = dt == np.float64
+    lo, hi = bracket if bracket is not None else (0.0, np.inf)
+    low = np.empty(B, bool)
+    pair, masks_f = np.empty((2, n)), np.empty((2, n))  # [da; dc] then [w |da|; w |dc|]; masks as numbers
+    masks, r, t = np.empty((2, n), bool), np.empty(n, dt), np.empty(n, dt)
+    low0, cross, in_bracket = np.empty(n, bool), np.empty(n, bool), np.empty(n, bool)
+    narrow = None if wide else np.empty((2, n), dt)  # float32: da and dc in float32, as _envelope_two forms them
+    views = [torch.from_numpy(x) for x in (A, C, W)]  # for aminmax: one pass for both, where numpy needs two
+    extremes, inside = [], []
+    below_sums = np.zeros(2)  # [w |da|; w |dc|] summed below the bracket
+    c_min = correction = a_low0 = w_above = 0.0
+    signed = 0  # breakpoints r_b > 0 or < 0: the others are 0 or NaN (ties, underflows)
+    for s in range(0, B, n):
+        e = min(s + n, B)
+        a, c, w = A[s:e], C[s:e], W[s:e]
+        pair_, masks_, masks_f_ = pair[:, :e - s], masks[:, :e - s], masks_f[:, :e - s]
+        r_, t_, low0_, cross_, in_ = r[:e - s], t[:e - s], low0[:e - s], cross[:e - s], in_bracket[:e - s]
+        extremes.append(torch.stack([v for x in views for v in torch.aminmax(x[s:e])]))
+        diff = pair_ if wide else narrow[:, :e - s]
+        np.subtract(a[:, 1], a[:, 0], out=diff[0])
+        np.subtract(c[:, 1], c[:, 0], out=diff[1])
+        np.greater(diff[0], 0, out=low0_)  # low0 but for ties da = 0, which r = 0 defers
+        # IEEE division gives r the XOR of the operands' signs even on under- or overflow, so r > 0 is
+        # _envelope_two's (da > 0 & dc > 0) | (da < 0 & dc < 0) -- but for r = 0 (a tie, or an underflow)
+        # and r = NaN (0 / 0), deferred. (r = +-inf where dc = 0: no crossing, and no drop.)
+        np.divide(diff[0], diff[1], out=r_)
+        np.greater(r_, 0, out=cross_)
+        signed += np.count_nonzero(cross_) + np.count_nonzero(np.less(r_, 0, out=in_))
+        if wide:
+            np.abs(pair_, out=pair_)
+            np.multiply(pair_, w, out=pair_)  # [w |da|; w |dc|]: the drop is _envelope_two's, bit for bit
+            d_ = pair_[1]
+        else:
+            d_ = np.multiply(np.abs(diff[1], out=diff[1]), w, out=diff[1])  # the drop, in float32
+            np.multiply(np.abs(np.subtract(a[:, 1], a[:, 0], out=pair_[0], dtype=np.float64), out=pair_[0]), w,
+                        out=pair_[0])
+            np.copyto(pair_[1], d_)
+        # Crossing samples below the bracket have moved at lam*, those above it have not, those in it are
+        # gathered. Without a bracket (lam* = 0 expected) "below" takes them all, for S_cross alone.
+        below_, above_ = masks_
+        if bracket is None:
+            np.copyto(below_, cross_)
+            above_.fill(False)
+        else:
+            np.less(r_, lo, out=below_)
+            np.greater(r_, hi, out=above_)
+            np.logical_or(below_, above_, out=in_)
+            np.logical_and(cross_, np.logical_not(in_, out=in_), out=in_)
+            idx = np.flatnonzero(in_)
+            inside.append((r_[idx], d_[idx], pair_[0, idx], low0_[idx], idx + s))
+            below_ &= cross_
+        np.copyto(masks_f_, masks_)
+        below_sums += pair_ @ masks_f_[0]  # a matrix-vector product: OpenBLAS is slow at (2, n) @ (n, 2)
+        w_above += float(np.dot(pair_[1], masks_f_[1]))
+        if bracket is not None and lo > 0:
+            np.logical_xor(below_, low0_, out=low[s:e])
+        else:
+            low[s:e] = low0_
+        np.maximum(a[:, 0], a[:, 1], out=t_)  # a[b, low0]
+        if wide:
+            a_low0 += float(np.dot(w, t_))
+            if c[:, 0].max() > 0 and c[:, 1].max() > 0:  # else min_k c_bk = 0 throughout (a stay candidate)
+                c_min += float(np.dot(w, np.minimum(c[:, 0], c[:, 1], out=t_)))
+        else:  # sums of float32 products in float64, as the general path forms them
+            a_low0 += float(np.dot(t_.astype(np.float64), w))
+            p_min = (w * np.minimum(c[:, 0], c[:, 1])).astype(np.float64)
+            c_min += float(p_min.sum())
+            # c[b, low0] is the dearer cost on crossing rows; its product differs from w_b min_k c_bk + drop_b by
+            # float32 rounding, far beyond the band: add the difference. (In float64: 4 ulp of a term, far inside.)
+            extra = (w * np.maximum(c[:, 0], c[:, 1])).astype(np.float64) - p_min - d_
+            correction += float(np.dot(extra, cross_))
+    extremes = torch.stack(extremes)  # aminmax, amin and amax propagate NaN
+    (a_lo, c_lo, w_lo), (a_hi, c_hi, w_hi) = extremes[:, 0::2].amin(0).tolist(), extremes[:, 1::2].amax(0).tolist()
+    valid = bool(np.isfinite([a_lo, a_hi, c_hi, w_hi]).all() and c_lo >= 0 and w_lo >= 0 and signed == B)
+    scale = 3.0 * B * max(w_hi, 1.0) * max(-a_lo, a_hi, c_hi) if valid else np.inf
+    inside = tuple(np.concatenate(x) for x in zip(*inside, strict=True)) if inside else ()
+    lost_below, below = below_sums.tolist()
+    s_cross = below + w_above + (float(inside[1].sum(dtype=np.float64)) if inside else 0.0)
+    lost_below = lost_below if bracket is not None else 0.0
+    return _PassOne(valid, scale, c_min, s_cross, correction, a_low0, w_above, lost_below, inside, low)
+
+
+def _weighted_cost(C: np.ndarray, W: np.ndarray, index: np.ndarray, n: int) -> float:
+    """``sum_b w_b c[b, index_b]``: products in the inputs' dtype, the sum in float64, as the general path."""
+    total = 0.0
+    for s in range(0, C.shape[0], n):
+        picked = np.where(index[s:s + n], C[s:s + n, 1], C[s:s + n, 0])
+        total += float((W[s:s + n] * picked).astype(np.float64).sum())
+    return total
+
+
+def _two_solution(lam: float, dual: float, c_low: float, c_high: float, split: float, low: np.ndarray,
+                  high: np.ndarray, eps: Tensor) -> DualSolution:
+    dt = eps.dtype
+    out = {name: torch.tensor(value, dtype=torch.float64).to(dt) for name, value in
+           (("dual_value", dual), ("low_cost", c_low), ("high_cost", c_high), ("split", split))}
+    return DualSolution(multiplier=torch.tensor(lam, dtype=dt), low_index=torch.from_numpy(low.astype(np.int64)),
+                        high_index=torch.from_numpy(high.astype(np.int64)), epsilon=eps, num_candidates=2, **out)
+
+
+def _row_bracket(A: np.ndarray, C: np.ndarray, W: np.ndarray, eps: float) -> tuple[float, float] | None:
+    """A bracket of lam* for pass 1 to gather, from a sample of rows; None where lam* = 0 is likely.
+
+    lam* is where the drops above it, ``S_gt``, meet the budget ``eps - c_min``: both are estimated from
+    the sample (blocks of consecutive rows at random offsets: cheap to read, and a block spans any short
+    period of the rows), and the bracket takes :data:`_Z_ROWS` standard errors of each on either side.
+    """
+    B, blocks = A.shape[0], _ROWS // _BLOCK
+    starts = np.random.default_rng(0).integers(0, B - _BLOCK + 1, blocks)  # fixed: the same work for the same input
+    idx = (starts[:, None] + np.arange(_BLOCK)).ravel()
+    a, c, w = A[idx], C[idx], W[idx]
+    dc = c[:, 1] - c[:, 0]
+    r = (a[:, 1] - a[:, 0]) / dc
+    crossing = r > 0
+    drop = (np.abs(dc[crossing]) * w[crossing]).astype(np.float64)
+    cheapest = (w * np.minimum(c[:, 0], c[:, 1])).astype(np.float64)
+    n = idx.size
+    budget = eps / B - cheapest.mean()  # per row, as every sum here
+    budget_err = _Z_ROWS * cheapest.std() / n ** 0.5
+    if drop.size == 0:  # no crossing in the sample: few anywhere, gather them all (if lam* > 0 at all)
+        return None if budget > budget_err else (0.0, np.inf)
+    order = np.argsort(r[crossing])
+    values, drop = r[crossing][order], drop[order]
+    tail = np.append(np.cumsum(drop[::-1])[::-1][1:], 0.0) / n  # S_gt(values[j]) per row
+    tail_sq = np.append(np.cumsum((drop * drop)[::-1])[::-1][1:], 0.0) / n
+    tail_err = _Z_ROWS * np.sqrt(np.maximum(tail_sq - tail * tail, 0.0) / n) + drop.max(initial=0.0) / n
+    if tail[0] + drop[0] / n + tail_err[0] < budget - budget_err:  # all drops fit: lam* = 0
+        return None
+    surely_above = np.flatnonzero(tail - tail_err > budget + budget_err)  # S_gt(v) > budget: v < lam*
+    surely_fits = np.flatnonzero(tail + tail_err < budget - budget_err)  # S_gt(v) <= budget: v >= lam*
+    lo = float(values[surely_above[-1]]) if surely_above.size else 0.0
+    hi = float(values[surely_fits[0]]) if surely_fits.size else np.inf
+    return lo, hi
+
+
+def _quantile_bracket(values: np.ndarray, weights: np.ndarray, frac: float,
+                      frac_err: float = 0.0) -> tuple[float, float]:
+    """``(lo, hi)`` around the ``frac`` weighted quantile of the breakpoints (values > 0) of a random sample,
+    wide enough that a miss takes :data:`_Z` standard errors of the sampled quantile (and of ``frac``, given
+    as ``frac_err``); ``lo = 0`` and ``hi = inf`` for no bound."""
+    keep = (weights > 0) & (values > 0)
+    values, weights = values[keep], weights[keep].astype(np.float64)
+    if values.size == 0:
+        return 0.0, np.inf
+    n_eff = float(weights.sum() ** 2 / np.dot(weights, weights))  # the weights' spread widens the error
+    order = np.argsort(values)
+    values, csum = values[order], np.cumsum(weights[order])
+    frac = min(max(frac, 0.0), 1.0)
+    margin = _Z * (((frac * (1 - frac) + 1 / n_eff) / n_eff) ** 0.5 + frac_err) + 1 / n_eff
+    at = lambda q: float(values[min(int(np.searchsorted(csum, csum[-1] * q)), values.size - 1)])  # noqa: E731
+    return (0.0 if frac - margin <= 0 else at(frac - margin)), (np.inf if frac + margin >= 1 else at(frac + margin))
+
+
+def _tail_select(values: np.ndarray, weights: np.ndarray, total: float, budget: float, band: float,
+                 chunk: int, *, above: float = 0.0) -> tuple[float, float, float] | None:
+    """Smallest breakpoint ``v`` of positive weight with ``S_gt(v) = above + sum(weights[values > v]) <=
+    budget``, as ``(v, S_gt(v), S_ge(v))``; None where ``S_gt(v)`` or ``S_ge(v)`` lies within ``band`` of
+    ``budget``.
+
+    Breakpoints are the values > 0, ``total`` their weight and ``above <= budget`` the weight of breakpoints
+    above all of them. As :func:`_weighted_select`, but from the top, so that what lies above a pivot is summed,
+    never a difference of sums: each round brackets the answer between two values read off a random
+    sample, sums the weight above the bracket and keeps what lies inside; a miss keeps the side that
+    holds the answer. The last few thousand are sorted.
+    """
+    rng = np.random.default_rng(1)
+    buffers = _split_buffers(min(chunk, values.size))
+    while values.size > _SMALL:
+        size = values.size
+        idx = rng.integers(0, size, _SAMPLE)
+        lo, hi = _quantile_bracket(values[idx], weights[idx], 1.0 - (budget - above) / total)
+        w_above, parts_v, parts_w = 0.0, [], []
+        for s in range(0, size, chunk):
+            v, w = values[s:s + chunk], weights[s:s + chunk]
+            part, idx = _split_chunk(v, w, lo, hi, buffers)
+            w_above += part
+            parts_v.append(v[idx])
+            parts_w.append(w[idx])
+        in_v, in_w = _keep(np.concatenate(parts_v), np.concatenate(parts_w))
+        w_in = float(in_w.sum(dtype=np.float64))
+        if above + w_above > budget:  # the answer lies above the bracket
+            values, weights = _keep(values, weights, values > hi)
+            total = w_above
+        elif above + w_above + w_in <= budget and lo > 0:  # below it, if anything lies there
+            below_v, below_w = _keep(values, weights, values < lo)
+            if below_v.size:
+                values, weights, above = below_v, below_w, above + w_above + w_in
+                total = float(below_w.sum(dtype=np.float64))
+            else:
+                values, weights, above, total = in_v, in_w, above + w_above, w_in
+        else:
+            values, weights, above, total = in_v, in_w, above + w_above, w_in
+        if values.size == size:  # all equal to a pivot: no progress possible, finish by sorting
+            break
+    values, weights = _keep(values, weights)
+    if values.size == 0:
+        return None
+    order = np.argsort(values, kind="stable")
+    sorted_v, sorted_w = values[order], weights[order].astype(np.float64)
+    at_or_above = np.cumsum(sorted_w[::-1])[::-1]  # sum_{i >= j}
+    strictly_above = np.append(at_or_above[1:], 0.0)  # sum_{i > j}
+    j = int(np.count_nonzero(above + strictly_above > budget))  # S_gt is non-increasing: the first j that fits
+    if j == sorted_v.size:  # nothing fits: the invariant lost to rounding; the general path decides
+        return None
+    v = sorted_v[j]
+    first, last = int(np.searchsorted(sorted_v, v, "left")), int(np.searchsorted(sorted_v, v, "right")) - 1
+    s_gt, s_ge = above + float(strictly_above[last]), above + float(at_or_above[first])
+    if budget - s_gt < band or s_ge - budget < band:  # (this also refuses S_ge(v) <= budget, were it to happen)
+        return None
+    return float(v), s_gt, s_ge
+
+
+def _split_buffers(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.empty(size, bool), np.empty(size, bool), np.empty(size)
+
+
+def _split_chunk(v: np.ndarray, w: np.ndarray, lo: float, hi: float,
+                 buffers: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[float, np.ndarray]:
+    """``sum(w[v > hi])`` and the positions of ``v`` in ``[lo, hi]``, for ``0 <= lo <= hi`` (buffers of at least
+    ``v``'s size). The sum is a dot with the mask, and only the few values inside are found: a `where` or
+    boolean indexing of every chunk is slow on random masks."""
+    mask, inside, maskf = (b[:v.size] for b in buffers)
+    np.greater_equal(v, lo, out=inside)
+    w_above = 0.0
+    if hi < np.inf:
+        np.greater(v, hi, out=mask)
+        np.copyto(maskf, mask)
+        w_above = float(np.dot(maskf, w))
+        inside &= np.logical_not(mask, out=mask)
+    return w_above, np.flatnonzero(inside)
+
+
+def _keep(values: np.ndarray, weights: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``values`` and ``weights`` where ``mask`` holds, the value is a breakpoint (> 0) and its weight positive."""
+    keep = (weights > 0) & (values > 0)
+    if mask is not None:
+        keep &= mask
+    return values[keep], weights[keep]
+
+
 def _overflow_error(dtype: torch.dtype) -> ValueError:
     # Finite inputs whose differences, quotients or weighted sums overflow the dtype: refuse, never NaN or inf.
     return ValueError(
@@ -268,7 +662,12 @@ def solve_dual(advantage: Tensor, cost: Tensor, weight: Tensor, epsilon: float |
     >>> sol.dual_value   # = 0.5 * 0.5 * 2, the best surrogate gain within the trust region
     tensor(0.5000)
     """
-    advantage, cost, weight, eps = _check_dual_inputs(advantage, cost, weight, epsilon)
+    advantage, cost, weight = _dual_tensors(advantage, cost, weight)
+    if advantage.shape[1] == 2:  # checks the values itself, in its first pass over them
+        fast = _solve_two(advantage, cost, weight, epsilon)
+        if fast is not None:
+            return fast
+    eps = _check_dual_values(advantage, cost, weight, epsilon)
     acc = torch.float64
     low0, steps = _envelope(advantage, cost)
     c_low0 = (weight * _pick(cost, low0)).sum(dtype=acc)
