@@ -72,11 +72,22 @@ def test_make_algorithm_builds_each_algorithms_own_loss(algo, cls, loss_cls):
         assert algorithm.cost is None and summary == {"cost": None, "cost_fn": None, "epsilon": None}
 
 
+@pytest.mark.parametrize(("env", "override", "mirror"), [("Pendulum-v1", None, True), ("CartPole-v1", None, False),
+                                                      ("Pendulum-v1", "algo.mirror=false", False),
+                                                      ("CartPole-v1", "algo=wpo", False)])
+def test_recipe_mirror_auto_is_on_for_gaussian_policies_only(env, override, mirror):
+    algorithm, _ = _built(f"env={env}", *([override] if override else []))
+    assert getattr(algorithm.loss_module, "mirror", False) is mirror  # only the Gaussian loss has the option
+    assert algorithm.cfg.algo.max_step_extension == 8.0  # the recipe's default lengthening
+
+
 def test_unknown_algo_and_bad_config_are_refused_before_building():
     with pytest.raises(ValueError, match="unknown algo.name='sac'.*ot_trpo"):
         algorithm_class("sac")
     with pytest.raises(ValueError, match="algo.epsilon must be positive"):
         check_config(_cfg("algo.epsilon=0"))
+    with pytest.raises(ValueError, match="algo.mirror must be auto, true or false, got 'yes'"):
+        check_config(_cfg("algo.mirror=yes"))
     with pytest.raises(ValueError, match="frames_per_batch=100 must be divisible by num_minibatches=32"):
         check_config(_cfg("frames_per_batch=100"))
     check_config(_cfg("algo=a2c", "frames_per_batch=100"))  # A2C's one minibatch divides any batch

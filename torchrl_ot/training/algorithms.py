@@ -182,6 +182,8 @@ class OTTrustRegion(Algorithm):
         for key in ("enforce_radius", "boundary_trial"):
             if not isinstance(cfg.algo.get(key, False), bool):
                 raise ValueError(f"algo.{key} must be true or false, got {cfg.algo.get(key)!r}")
+        if cfg.algo.get("mirror", "auto") not in ("auto", True, False):
+            raise ValueError(f"algo.mirror must be auto, true or false, got {cfg.algo.get('mirror')!r}")
         update = cfg.algo.get("actor_update", "epochs")
         if update not in ("epochs", "natural"):
             raise ValueError(f"algo.actor_update must be 'epochs' or 'natural', got {update!r}")
@@ -209,7 +211,8 @@ class OTTrustRegion(Algorithm):
         return OTTrustRegionLoss(
             actor, critic, cost=self.cost, epsilon=algo.epsilon, policy=self.policy, advantage_network=head,
             num_candidates=algo.num_candidates, split=algo.name == "ot_trpo",
-            mirror=algo.mirror,  # the loss refuses these for a non-Gaussian policy, naming both
+            # auto: the mirror for Gaussian policies; an explicit true the loss refuses for other policies, naming both
+            mirror=self.policy == "gaussian" if algo.get("mirror", "auto") == "auto" else algo.mirror,
             learn_scale=bool(algo.get("learn_scale", False)), scale_clip=algo.get("scale_clip", 0.2),
             entropy_coeff=algo.entropy_coeff or None,
             critic_coeff=algo.critic_coeff, loss_critic_type=algo.loss_critic_type, functional=self.functional,
