@@ -134,10 +134,10 @@ class TrustRegionProjection:
             set_flat_params(params, theta_old)
             moved, fraction, i = self.realised_transport(tensordict), 0.0, max_backtracks + 1
         refused = fraction / backtrack_coeff if i else max_extension  # the first length refused (or the cap)
-        if i == 0 and max_extension > 1:
+        if i == 0 and max_extension > 1 and bool(step.any()):  # a zero step has no length to extend
             moved, fraction, refused = self._extend(tensordict, params, theta_old, theta_new, moved,
                                                     backtrack_coeff, max_extension)
-        if boundary_trial and fraction > 0:
+        if boundary_trial and fraction > 0 and bool(step.any()):
             moved, fraction = self._boundary_trial(tensordict, params, theta_old, step, moved, fraction, refused)
         return TensorDict({"realised_transport": moved, "step_fraction": torch.tensor(float(fraction)),
                            "backtracks": torch.tensor(i)}, batch_size=[])
