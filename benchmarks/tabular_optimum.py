@@ -25,12 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
-import numpy as np
 from omegaconf import OmegaConf
 
 import torchrl_ot  # noqa: F401  (registers NChain-v0)
-from torchrl_ot.envs import check_env_kwargs
-from torchrl_ot.tabular import episode_limit
+from torchrl_ot.tabular import episode_limit, exact_return
 
 #: Toy-text settings whose optimum is printed by default: each env at its default and one other setting.
 SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -42,33 +40,32 @@ SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
 
 
 def optimal_return(env_id: str, env_kwargs: dict[str, Any] | None = None, horizon: int | None = None) -> float:
-    """The finite-horizon optimum of the mean undiscounted return from the initial states (module docstring).
+    """The finite-horizon optimum of the mean undiscounted return from the initial states (module docstring;
+    :func:`torchrl_ot.tabular.exact_return` without a policy).
 
     >>> optimal_return("FrozenLake-v1", {"is_slippery": False})  # six steps to the goal, reward 1
     1.0
     >>> optimal_return("CliffWalking-v1")  # 13 steps along the cliff, -1 each
     -13.0
     """
-    env = gym.make(env_id, **check_env_kwargs(env_id, env_kwargs)).unwrapped
-    table = getattr(env, "P", None)
-    if table is None:
-        raise ValueError(f"env.name={env_id!r} has no transition table P: its optimum is not computable here")
-    n_states, n_actions = env.observation_space.n, env.action_space.n
-    horizon = episode_limit(env_id) if horizon is None else horizon
-    # One row per transition: (state, action, prob, next_state, reward, continues).
-    rows = np.array([(s, a, p, s2, r, 0.0 if term else 1.0)
-                     for s in range(n_states) for a in range(n_actions) for p, s2, r, term in table[s][a]])
-    s_idx, a_idx = rows[:, 0].astype(int), rows[:, 1].astype(int)
-    prob, nxt, reward, cont = rows[:, 2], rows[:, 3].astype(int), rows[:, 4], rows[:, 5]
-    value = np.zeros(n_states)
-    for _ in range(horizon):
-        q = np.zeros((n_states, n_actions))
-        np.add.at(q, (s_idx, a_idx), prob * (reward + cont * value[nxt]))
-        value = q.max(1)
-    start = getattr(env, "initial_state_distrib", None)
-    if start is None:
-        start = np.eye(n_states)[0]
-    return float(np.asarray(start, dtype=float) @ value)
+    return exact_return(env_id, env_kwargs, horizon=horizon)
+
+
+def fraction(finals: list[float], best: float | None) -> str:
+    """Mean (lowest) final return as a fraction of the optimum ``best``; for a negative optimum, optimum / return
+    (1 at the optimum, smaller below it).
+
+    >>> fraction([-13.0, -15.0], -13.0)
+    '0.929 (0.867)'
+    """
+    if best is None:
+        return "n/a"
+    mean, low = statistics.fmean(finals), min(finals)
+    if best > 0:
+        return f"{mean / best:.3f} ({low / best:.3f})"
+    if best < 0 and mean < 0 and low < 0:
+        return f"{best / mean:.3f} ({best / low:.3f})"
+    return "n/a"
 
 
 def run_fractions(root: Path) -> list[str]:
@@ -87,9 +84,8 @@ def run_fractions(root: Path) -> list[str]:
     for (env, kwargs, algo), finals in sorted(groups.items()):
         best = optimal_return(env, json.loads(kwargs))
         mean, low = statistics.fmean(finals), min(finals)
-        frac = (f"{mean / best:.3f} ({low / best:.3f})" if best > 0 else
-                f"{best / mean:.3f} ({best / low:.3f})" if best < 0 and mean < 0 and low < 0 else "n/a")
-        lines.append(f"| {env} | {kwargs} | {algo} | {len(finals)} | {mean:.3f} ({low:.3f}) | {best:.3f} | {frac} |")
+        lines.append(f"| {env} | {kwargs} | {algo} | {len(finals)} | {mean:.3f} ({low:.3f}) | {best:.3f} | "
+                     f"{fraction(finals, best)} |")
     return lines
 
 

@@ -7,7 +7,9 @@ Corollary 3), every update audited by an exact OT solver. Reads top to bottom:
     python recipes/tabular.py env.name=Taxi-v4 total_frames=200000 algo=wpo seed=3
 
 Writes into the run directory (``runs/tabular/<env>/<algo>/seed<seed>``): the TorchRL logger's
-scalars (CSV by default), ``summary.json``, ``curve.png`` and ``policy.pt``.
+scalars (CSV by default), ``summary.json``, ``curve.png`` and ``policy.pt``. Where the env has a transition
+table (the toy-text envs, NChain), ``summary.json`` also holds the final policy's expected return computed
+exactly (``final_return_exact``) and the optimum (``optimal_return``), both under the episode limit.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
+import gymnasium as gym
 import hydra
 import matplotlib
 import torch
@@ -36,6 +39,7 @@ from torchrl_ot.tabular import (
     env_sizes,
     episode_limit,
     evaluate,
+    exact_return,
     make_actor,
     make_env,
     visitation_weights,
@@ -66,7 +70,7 @@ def main(cfg: DictConfig) -> dict:
     actor = make_actor(policy, env)
     cost = instantiate(cfg.cost).matrix(n_actions)
     critic = TabularCritic(n_states, n_actions, gamma=cfg.gamma, estimator=cfg.estimator.name,
-                           sweeps=cfg.estimator.sweeps)
+                           sweeps=cfg.estimator.sweeps, bonus=cfg.estimator.get("bonus", 0.0))
     logger = get_logger(cfg.logger.backend, logger_name=str(run_dir), experiment_name="logs",
                         **({"project": cfg.logger.project} if cfg.logger.backend == "wandb" else {}))
     collector = Collector(env, actor, frames_per_batch=cfg.frames_per_batch, total_frames=cfg.total_frames)
@@ -143,6 +147,13 @@ def main(cfg: DictConfig) -> dict:
     torch.save({"probs": policy.probs, "q": critic.q, "config": OmegaConf.to_container(cfg)},
                run_dir / "policy.pt")
 
+    # Where the env has a transition table, the final policy's expected return exactly, and the optimum.
+    exact = {}
+    if hasattr(gym.make(cfg.env.name, **env_kwargs).unwrapped, "P"):
+        acted = (torch.nn.functional.one_hot(policy.probs.argmax(-1), n_actions).double()
+                 if cfg.eval.deterministic else policy.probs)
+        exact = {"final_return_exact": exact_return(cfg.env.name, env_kwargs, acted, horizon=horizon),
+                 "optimal_return": exact_return(cfg.env.name, env_kwargs, horizon=horizon)}
     violations = [r["violation"] for r in history]
     finished_returns = [r["train_return"] for r in history if not math.isnan(r["train_return"])]
     summary = {
@@ -157,6 +168,7 @@ def main(cfg: DictConfig) -> dict:
         "final_return_greedy": greedy.mean().item(),
         "final_return_sampled": sampled.mean().item(),
         "eval_episodes": int(final.numel()),
+        **exact,
         "violation_rate": sum(violations) / max(len(violations), 1),
         # Learning speed: the mean return of training episodes over the whole run.
         "mean_train_return": statistics.fmean(finished_returns) if finished_returns else float("nan"),

@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from torchrl_ot.tabular import exact_return
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tabular.py"
@@ -32,6 +35,12 @@ def test_recipe_runs_and_writes_summary_plot_and_logs(tmp_path, algo):
     assert (tmp_path / "curve.png").stat().st_size > 0
     rows = list(csv.reader(open(tmp_path / "logs" / "scalars" / "audited_transport.csv")))
     assert len(rows) == 4
+    # CliffWalking has a transition table: the greedy policy's exact return and the optimum (13 steps of -1).
+    assert summary["optimal_return"] == pytest.approx(-13.0)
+    probs = torch.load(tmp_path / "policy.pt", weights_only=False)["probs"]
+    greedy = torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[1]).double()
+    assert summary["final_return_exact"] == pytest.approx(exact_return("CliffWalking-v1", {}, greedy))
+    assert summary["final_return_exact"] <= summary["optimal_return"]
 
 
 def test_recipe_refuses_unknown_algo_listing_options(tmp_path):

@@ -8,7 +8,7 @@ from tensordict import TensorDict
 
 from torchrl_ot.costs import DiscreteMetricCost, IndexDistanceCost
 from torchrl_ot.envs import NCHAIN_ID, NChainEnv
-from torchrl_ot.tabular import TabularCritic, audit_transport, make_env, visitation_weights
+from torchrl_ot.tabular import TabularCritic, audit_transport, exact_return, make_env, visitation_weights
 
 
 def test_nchain_dynamics_without_slip():
@@ -103,6 +103,41 @@ def test_critic_refuses_bad_arguments():
         TabularCritic(2, 2, gamma=0.9, estimator="qlearning")
     with pytest.raises(ValueError, match="gamma"):
         TabularCritic(2, 2, gamma=1.0)
+    with pytest.raises(ValueError, match="bonus"):
+        TabularCritic(2, 2, gamma=0.9, bonus=-0.5)
+    with pytest.raises(ValueError, match="bonus=1.0 needs estimator='td'"):
+        TabularCritic(2, 2, gamma=0.9, estimator="mc", bonus=1.0)
+
+
+def test_exploration_bonus_equals_its_hand_computation():
+    """c sigma / sqrt(n + 1), sigma the pooled RMS residual of every sample's one-step target at the fitted Q."""
+    batch = _chain_batch()
+    # A reward that differs between the two samples of one (s, a, s') key: its spread counts in sigma.
+    batch["next", "reward"][1, 1] = 0.5  # env 1's (0, 1) -> 1 pays 0.5, env 0's pays 0
+    policy = torch.tensor([[0.5, 0.5], [0.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    plain = TabularCritic(3, 2, gamma=0.5, sweeps=400)
+    critic = TabularCritic(3, 2, gamma=0.5, sweeps=400, bonus=2.0)
+    q = critic.update(batch, policy)
+    torch.testing.assert_close(q, plain.update(batch, policy))  # the bonus leaves Q itself alone
+    v = (policy * q).sum(-1)
+    gamma = 0.5
+    # Every sample (s, a, r, s', terminated) of the batch, by hand.
+    samples = [(0, 1, 0.0, 1, False), (1, 1, 0.0, 2, False), (2, 1, 1.0, 2, True),
+               (0, 0, 0.0, 0, False), (0, 1, 0.5, 1, False), (1, 1, 0.0, 2, True)]
+    residuals = [r + gamma * (0.0 if t else 1.0) * v[s2].item() - q[s, a].item() for s, a, r, s2, t in samples]
+    sigma = (sum(x * x for x in residuals) / len(residuals)) ** 0.5
+    assert sigma > 0.05  # (1, 1) has two outcomes: the residuals are not all zero
+    counts = torch.tensor([[1, 2], [0, 2], [0, 1]], dtype=torch.float64)
+    expected = 2.0 * sigma / (counts + 1).sqrt()
+    torch.testing.assert_close(critic.exploration_bonus, expected)
+    qb = q + expected
+    torch.testing.assert_close(critic.advantage(policy), qb - (policy * qb).sum(-1, keepdim=True))
+    torch.testing.assert_close(plain.advantage(policy), q - (policy * q).sum(-1, keepdim=True))
+    # Under-sampled actions gain: with a large enough c, state 1's never-tried action 0 has the larger advantage.
+    bold = TabularCritic(3, 2, gamma=0.5, sweeps=400, bonus=20.0)
+    bold.update(batch, policy)
+    adv = bold.advantage(policy)
+    assert adv[1, 0] > adv[1, 1] and plain.advantage(policy)[1, 0] < plain.advantage(policy)[1, 1]
 
 
 def test_visitation_weights_are_discounted_by_step():
@@ -142,3 +177,45 @@ def test_make_env_batches_copies_with_step_counter():
     td = env.rollout(5)
     assert td.batch_size == (3, 5)
     assert np.array_equal(td["step_count"][0, :, 0].numpy(), np.arange(5))
+
+
+def _down_right_path() -> torch.Tensor:
+    """FrozenLake 4x4: down, down, right, down, right, right from the start to the goal (right at 8, 13, 14)."""
+    policy = torch.zeros(16, 4, dtype=torch.float64)
+    policy[:, 1] = 1.0
+    policy[[8, 13, 14], 1], policy[[8, 13, 14], 2] = 0.0, 1.0
+    return policy
+
+
+def test_exact_return_of_a_policy_matches_simulated_episodes():
+    """Backward induction on P against 3,000 episodes of gymnasium itself (slippery FrozenLake, a fixed policy)."""
+    rng = np.random.default_rng(0)
+    careful = torch.eye(4, dtype=torch.float64)[[0, 3, 3, 3, 0, 0, 0, 0, 3, 1, 0, 0, 0, 2, 1, 0]]  # the slippery map's
+    probs = 0.7 * careful + 0.3 * torch.tensor(rng.dirichlet(np.ones(4), size=16))
+    exact = exact_return("FrozenLake-v1", {}, probs, horizon=40)
+    env = gym.make("FrozenLake-v1", max_episode_steps=40)
+    total = 0.0
+    for episode in range(3000):
+        s, _ = env.reset(seed=episode)
+        done = False
+        while not done:
+            s, r, term, trunc, _ = env.step(int(rng.choice(4, p=probs[s].numpy())))
+            total += r
+            done = term or trunc
+    simulated = total / 3000
+    assert 0.1 < exact < 0.9  # neither trivial nor certain: the check has power
+    assert abs(simulated - exact) < 4 * (exact * (1 - exact) / 3000) ** 0.5
+
+
+def test_exact_return_optimum_bounds_every_policy_and_refuses_bad_input():
+    best = exact_return("FrozenLake-v1", {"is_slippery": False})
+    path = _down_right_path()
+    assert exact_return("FrozenLake-v1", {"is_slippery": False}, path) == best == 1.0
+    assert exact_return("FrozenLake-v1", {"is_slippery": False}, path, horizon=5) == 0.0  # six steps needed
+    assert exact_return("FrozenLake-v1", {}, path) < exact_return("FrozenLake-v1", {})  # slippery: not optimal
+    with pytest.raises(ValueError, match="no transition table"):
+        exact_return("CartPole-v1")
+    with pytest.raises(ValueError, match="policy"):
+        exact_return("FrozenLake-v1", {}, torch.full((16, 3), 1 / 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="horizon"):
+        exact_return("FrozenLake-v1", {}, horizon=0)

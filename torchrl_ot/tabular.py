@@ -57,6 +57,7 @@ __all__ = [
     "visitation_weights",
     "audit_transport",
     "evaluate",
+    "exact_return",
 ]
 
 DEFAULT_EPISODE_LIMIT = 500
@@ -217,32 +218,54 @@ class TabularCritic:
             Monte-Carlo returns of the current batch (on-policy), bootstrapped with the current
             table where a trajectory is cut by the time limit or the batch end.
         sweeps: TD sweeps per update.
+        bonus: ``c`` of the count-based exploration bonus ``c sigma / sqrt(n(s, a) + 1)`` that
+            :meth:`advantage` adds to ``Q`` (0: none, the paper's advantages). ``n(s, a)`` counts the
+            transitions seen from ``(s, a)``; ``sigma`` is the pooled root-mean-square residual of their
+            one-step targets ``r + gamma (1 - terminated) V(s')`` at the current table, so the bonus is in
+            the units of the returns and needs no per-env scale. ``"td"`` only (it reads the stored counts).
 
-    Pairs never seen keep their initial value 0.
+    Pairs never seen keep their initial value 0. Without a bonus, the exact update makes the policy
+    deterministic wherever an advantage gap exceeds lambda*, so an action whose few samples
+    underestimated it is never tried again; the bonus (an upper-confidence term, as MBIE-EB's) keeps
+    such actions in play until their counts settle them.
+
+    >>> critic = TabularCritic(2, 2, gamma=0.9, bonus=1.0)
+    >>> critic.exploration_bonus  # nothing seen yet: no spread of targets, no bonus
+    tensor([[0., 0.],
+            [0., 0.]], dtype=torch.float64)
     """
 
     def __init__(self, num_states: int, num_actions: int, *, gamma: float, estimator: str = "td",
-                 sweeps: int = 200) -> None:
+                 sweeps: int = 200, bonus: float = 0.0) -> None:
         check_positive_int("num_states", num_states)
         check_positive_int("num_actions", num_actions)
         check_choice("estimator", estimator, ("td", "mc"))
         check_real("gamma", gamma, low=0.0, high=1.0, high_open=True)
         check_positive_int("sweeps", sweeps)
+        check_real("bonus", bonus, low=0.0)
+        if bonus > 0 and estimator != "td":
+            raise ValueError(f"bonus={bonus} needs estimator='td' (it counts every transition seen); "
+                             f"estimator={estimator!r} takes bonus=0")
         self.S, self.A, self.gamma, self.estimator, self.sweeps = num_states, num_actions, gamma, estimator, sweeps
+        self.bonus = float(bonus)
         self.q = torch.zeros(num_states, num_actions, dtype=torch.float64)
+        self.exploration_bonus = torch.zeros(num_states, num_actions, dtype=torch.float64)
         # Sufficient statistics of the transitions seen: unique (s, a, s', terminated) with counts.
         self._keys = torch.zeros(0, dtype=torch.long)
         self._count = torch.zeros(0, dtype=torch.float64)
         self._reward = torch.zeros(0, dtype=torch.float64)
+        self._reward_sq = torch.zeros(0, dtype=torch.float64)
 
     def _check_policy(self, policy: Tensor) -> None:
         _check_table("policy", policy, (self.S, self.A))
         check_same_device(policy=policy, **{"the critic's table": self.q})
 
     def advantage(self, policy: Tensor) -> Tensor:
-        """``A(s, a) = Q(s, a) - V(s)`` with ``V(s) = sum_a pi(a|s) Q(s, a)``."""
+        """``A(s, a) = Q(s, a) - V(s)`` with ``V(s) = sum_a pi(a|s) Q(s, a)`` (Algorithm 1, step 3), ``Q`` plus
+        :attr:`exploration_bonus` when ``bonus > 0``."""
         self._check_policy(policy)
-        return self.q - (policy * self.q).sum(-1, keepdim=True)
+        q = self.q + self.exploration_bonus if self.bonus else self.q
+        return q - (policy * q).sum(-1, keepdim=True)
 
     def update(self, batch: TensorDictBase, policy: Tensor) -> Tensor:
         """Re-estimate Q for ``policy`` from a collected batch ``[num_envs, T]``; returns Q.
@@ -276,9 +299,11 @@ class TabularCritic:
         keys = torch.cat([self._keys, key])
         counts = torch.cat([self._count, torch.ones_like(r)])
         rewards = torch.cat([self._reward, r])
+        squares = torch.cat([self._reward_sq, r * r])
         self._keys, inverse = torch.unique(keys, return_inverse=True)
         self._count = torch.zeros(len(self._keys), dtype=torch.float64).index_add_(0, inverse, counts)
         self._reward = torch.zeros(len(self._keys), dtype=torch.float64).index_add_(0, inverse, rewards)
+        self._reward_sq = torch.zeros(len(self._keys), dtype=torch.float64).index_add_(0, inverse, squares)
 
     def _evaluate(self, policy: Tensor) -> None:
         term = (self._keys % 2).double()
@@ -293,6 +318,15 @@ class TabularCritic:
             total = torch.zeros_like(q).index_add_(0, sa, self._reward + continuing * v[s2])
             q = torch.where(seen, total / n_sa.clamp_min(1), q)
         self.q = q.view(self.S, self.A)
+        if self.bonus:
+            # Per key, the squared residuals of its samples r_i + g - q sum to
+            # sum r_i^2 - n rbar^2 + n (rbar + g - q)^2.
+            v = (policy * self.q).sum(-1)
+            mean_r = self._reward / self._count
+            gap = mean_r + self.gamma * (1 - term) * v[s2] - q[sa]
+            squares = (self._reward_sq - self._count * mean_r ** 2).clamp_min(0) + self._count * gap ** 2
+            sigma = (squares.sum() / self._count.sum()).sqrt()
+            self.exploration_bonus = (self.bonus * sigma / (n_sa + 1).sqrt()).view(self.S, self.A)
 
     def _monte_carlo(self, batch: TensorDictBase, policy: Tensor) -> None:
         reward = batch["next", "reward"].squeeze(-1).double()
@@ -316,7 +350,8 @@ class TabularCritic:
         self.q = torch.where(n > 0, total / n.clamp_min(1), q).view(self.S, self.A)
 
     def state_dict(self) -> dict:
-        return {"q": self.q, "keys": self._keys, "count": self._count, "reward": self._reward}
+        return {"q": self.q, "keys": self._keys, "count": self._count, "reward": self._reward,
+                "reward_sq": self._reward_sq, "exploration_bonus": self.exploration_bonus}
 
 
 def visitation_weights(batch: TensorDictBase, num_states: int, gamma: float) -> Tensor:
@@ -382,3 +417,44 @@ def evaluate(env: EnvBase, actor: ProbabilisticActor, *, max_steps: int,
     # Count rewards up to and including each copy's first done.
     before_first = (done.long().cumsum(-1) - done.long()) == 0
     return (reward * before_first).sum(-1)
+
+
+def exact_return(env_id: str, env_kwargs: Mapping[str, Any] | None = None, policy: Tensor | None = None, *,
+                 horizon: int | None = None) -> float:
+    """The expected undiscounted return from the env's initial states within ``horizon`` steps (default: the
+    time limit of :func:`make_env`), computed exactly by backward induction on the env's transition table
+    ``P[s][a] = [(prob, next_state, reward, terminated), ...]`` (gymnasium's toy-text format; NChain's too):
+    of ``policy`` (an ``[S, A]`` table, followed at every step), or without one the optimum over all policies
+    (value iteration: ``V_h(s) = max_a sum p (r + (1 - terminated) V_{h-1}(s'))``). The initial states are the
+    env's ``initial_state_distrib``, else state 0. An env without ``P`` is refused (``ValueError``).
+
+    >>> exact_return("FrozenLake-v1", {"is_slippery": False})  # six steps to the goal, reward 1
+    1.0
+    >>> exact_return("FrozenLake-v1", {"is_slippery": False}, torch.full((16, 4), 0.25)) < 0.05  # a random walk
+    True
+    """
+    env = gym.make(env_id, **check_env_kwargs(env_id, env_kwargs)).unwrapped
+    table = getattr(env, "P", None)
+    if table is None:
+        raise ValueError(f"env.name={env_id!r} has no transition table P: its exact return is not computable here")
+    n_states, n_actions = env.observation_space.n, env.action_space.n
+    if policy is not None:
+        _check_table("policy", policy, (n_states, n_actions))
+        raise_first_failed(simplex_checks(policy, "policy"))
+        pi = policy.detach().cpu().double().numpy()
+    horizon = episode_limit(env_id) if horizon is None else horizon
+    check_positive_int("horizon", horizon)
+    # One row per transition: (state, action, prob, next_state, reward, continues).
+    rows = np.array([(s, a, p, s2, r, 0.0 if term else 1.0)
+                     for s in range(n_states) for a in range(n_actions) for p, s2, r, term in table[s][a]])
+    s_idx, a_idx = rows[:, 0].astype(int), rows[:, 1].astype(int)
+    prob, nxt, reward, cont = rows[:, 2], rows[:, 3].astype(int), rows[:, 4], rows[:, 5]
+    value = np.zeros(n_states)
+    for _ in range(horizon):
+        q = np.zeros((n_states, n_actions))
+        np.add.at(q, (s_idx, a_idx), prob * (reward + cont * value[nxt]))
+        value = q.max(1) if policy is None else (pi * q).sum(1)
+    start = getattr(env, "initial_state_distrib", None)
+    if start is None:
+        start = np.eye(n_states)[0]
+    return float(np.asarray(start, dtype=float) @ value)

@@ -128,6 +128,12 @@ def check_tabular_config(cfg: DictConfig) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"env.max_episode_steps must be null or a positive integer, got {limit!r}")
     check_choice(cfg, "state_weight", STATE_WEIGHTS)
+    bonus = cfg.estimator.get("bonus", 0.0)
+    if isinstance(bonus, bool) or not isinstance(bonus, (int, float)) or not (bonus >= 0 and math.isfinite(bonus)):
+        raise ValueError(f"estimator.bonus must be a finite number >= 0 (0: no exploration bonus), got {bonus!r}")
+    if bonus > 0 and cfg.estimator.name != "td":
+        raise ValueError(f"estimator.bonus={bonus} needs estimator=td (its stored counts); with "
+                         f"estimator={cfg.estimator.name} pass estimator.bonus=0")
     check_choice(cfg, "logger.backend", LOGGER_BACKENDS)
     if not isinstance(cfg.get("overwrite", False), bool):
         raise ValueError(f"overwrite must be true or false, got {cfg.get('overwrite')!r}")
