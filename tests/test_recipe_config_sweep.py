@@ -1,8 +1,9 @@
 """Both recipes refuse bad configurations with a clear error before any work, and never overwrite a saved run.
 
-Each case runs the recipe as a user does (a subprocess with Hydra overrides, tiny budgets) and checks the exit
-status, that the message names the key or the path, and that nothing was written. The input classes and their
-outcomes:
+The config cases compose the recipe's config with Hydra's compose API and run what the recipe runs on it before
+building anything (its config check, then the env), checking that the message names the key; one case per recipe,
+and the run-directory cases, run the recipe as a user does (a subprocess with Hydra overrides, tiny budgets) and
+check the exit status, the message and that nothing was written. The input classes and their outcomes:
 
 =====================================================  =================================================  ========
 input                                                  ``recipes/train.py``                               tabular
@@ -32,9 +33,12 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from torchrl_ot.training import check_run_dir, make_env
+from torchrl_ot import tabular
+from torchrl_ot.training import check_config, check_run_dir, check_tabular_config, make_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN, TABULAR = ROOT / "recipes" / "train.py", ROOT / "recipes" / "tabular.py"
@@ -46,6 +50,23 @@ TINY_TABULAR = ["total_frames=1024", "frames_per_batch=512", "env.num_envs=4", "
 def _run(recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(recipe), "progress=false", *overrides], capture_output=True,
                           text=True, cwd=ROOT, timeout=300)
+
+
+def _refused_in_process(recipe: Path, overrides: list[str], *names: str) -> None:
+    """What the recipe does with its config before building anything (Hydra's composition, the recipe's config
+    check, then its env), in this process: it must raise, naming every one of ``names``."""
+    conf_dir = ROOT / "recipes" / "conf" / ("train" if recipe == TRAIN else "tabular")
+    with pytest.raises((ValueError, HydraException)) as err:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+            cfg = compose(config_name="config", overrides=overrides)
+        if recipe == TRAIN:
+            check_config(cfg)
+            make_env(cfg.env.name, cfg.seed, None, cfg, num_envs=1)
+        else:
+            check_tabular_config(cfg)
+            tabular.make_env(cfg.env.name, num_envs=1, env_kwargs=OmegaConf.to_container(cfg.env.kwargs))
+    for name in names:
+        assert name in str(err.value), str(err.value)
 
 
 def _refused(recipe: Path, run_dir: Path, overrides: list[str], *names: str) -> str:
@@ -73,8 +94,8 @@ def _refused(recipe: Path, run_dir: Path, overrides: list[str], *names: str) -> 
     (["env.name=Blackjack-v1"], ["env.name='Blackjack-v1'", "flat Box observation space", "Tuple"]),
     (["+env.kwargs.sutton=true"], ["env.kwargs.sutton: CartPole-v1 takes no such argument", "sutton_barto_reward"]),
 ])
-def test_train_recipe_refuses_bad_config(tmp_path, overrides, names):
-    _refused(TRAIN, tmp_path / "run", ["env=CartPole-v1", *overrides], *names)
+def test_train_recipe_refuses_bad_config(overrides, names):
+    _refused_in_process(TRAIN, ["env=CartPole-v1", *overrides], *[n for n in names if n != "ValueError"])
 
 
 @pytest.mark.parametrize(("overrides", "names"), [
@@ -97,8 +118,18 @@ def test_train_recipe_refuses_bad_config(tmp_path, overrides, names):
     (["+env.kwargs.slippery=true"], ["env.kwargs.slippery: CliffWalking-v1 takes no such argument", "is_slippery"]),
     (["env.name=FrozenLake-v1", "+env.kwargs.map_name=9x9"], ["env.kwargs={'map_name': '9x9'}", "KeyError"]),
 ])
-def test_tabular_recipe_refuses_bad_config(tmp_path, overrides, names):
-    _refused(TABULAR, tmp_path / "run", overrides, *names)
+def test_tabular_recipe_refuses_bad_config(overrides, names):
+    _refused_in_process(TABULAR, overrides, *names)
+
+
+@pytest.mark.parametrize(("recipe", "overrides", "names"), [
+    (TRAIN, ["env=CartPole-v1", "total_frames=0"], ["ValueError", "total_frames must be a positive integer"]),
+    (TRAIN, ["env=CartPole-v1", "+env.kwargs.sutton=true"], ["env.kwargs.sutton: CartPole-v1 takes no such"]),
+    (TABULAR, ["estimator.bonus=-1"], ["ValueError", "estimator.bonus must be a finite number >= 0"]),
+    (TABULAR, ["estimator=foo"], ["Could not find 'estimator/foo'", "td", "mc"]),
+])
+def test_recipes_refuse_bad_config_as_a_user_runs_them(tmp_path, recipe, overrides, names):
+    _refused(recipe, tmp_path / "run", overrides, *names)
 
 
 def test_env_kwargs_reach_gymnasium_make(tmp_path):
