@@ -129,15 +129,20 @@ def test_exploration_bonus_equals_its_hand_computation():
     assert sigma > 0.05  # (1, 1) has two outcomes: the residuals are not all zero
     counts = torch.tensor([[1, 2], [0, 2], [0, 1]], dtype=torch.float64)
     expected = 2.0 * sigma / (counts + 1).sqrt()
+    # Never-tried pairs are first lifted to their state's best tried Q: (1, 0) to Q(1, 1), (2, 0) to Q(2, 1).
+    expected[1, 0] += q[1, 1] - q[1, 0]
+    expected[2, 0] += q[2, 1] - q[2, 0]
+    assert q[1, 1] > q[1, 0] and q[2, 1] > q[2, 0]  # the lift is not zero: the check has power
     torch.testing.assert_close(critic.exploration_bonus, expected)
     qb = q + expected
     torch.testing.assert_close(critic.advantage(policy), qb - (policy * qb).sum(-1, keepdim=True))
     torch.testing.assert_close(plain.advantage(policy), q - (policy * q).sum(-1, keepdim=True))
-    # Under-sampled actions gain: with a large enough c, state 1's never-tried action 0 has the larger advantage.
-    bold = TabularCritic(3, 2, gamma=0.5, sweeps=400, bonus=20.0)
-    bold.update(batch, policy)
-    adv = bold.advantage(policy)
-    assert adv[1, 0] > adv[1, 1] and plain.advantage(policy)[1, 0] < plain.advantage(policy)[1, 1]
+    # Never-tried actions become their state's best: state 1's action 0, for any c > 0.
+    adv, plain_adv = critic.advantage(policy), plain.advantage(policy)
+    assert adv[1, 0] > adv[1, 1] and plain_adv[1, 0] < plain_adv[1, 1]
+    # A tried, under-sampled action gains on a well-sampled one only through its count: (0, 0) once, (0, 1) twice.
+    assert adv[0, 0] - adv[0, 1] - (plain_adv[0, 0] - plain_adv[0, 1]) == pytest.approx(
+        2.0 * sigma * (1 / 2 ** 0.5 - 1 / 3 ** 0.5))
 
 
 def test_visitation_weights_are_discounted_by_step():

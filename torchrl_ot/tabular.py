@@ -222,7 +222,9 @@ class TabularCritic:
             :meth:`advantage` adds to ``Q`` (0: none, the paper's advantages). ``n(s, a)`` counts the
             transitions seen from ``(s, a)``; ``sigma`` is the pooled root-mean-square residual of their
             one-step targets ``r + gamma (1 - terminated) V(s')`` at the current table, so the bonus is in
-            the units of the returns and needs no per-env scale. ``"td"`` only (it reads the stored counts).
+            the units of the returns and needs no per-env scale. A pair never tried, in a state where some
+            action was, is first lifted to that state's best tried ``Q`` (optimistic initialisation), so
+            that it is tried once. ``"td"`` only (it reads the stored counts).
 
     Pairs never seen keep their initial value 0. Without a bonus, the exact update makes the policy
     deterministic wherever an advantage gap exceeds lambda*, so an action whose few samples
@@ -326,7 +328,14 @@ class TabularCritic:
             gap = mean_r + self.gamma * (1 - term) * v[s2] - q[sa]
             squares = (self._reward_sq - self._count * mean_r ** 2).clamp_min(0) + self._count * gap ** 2
             sigma = (squares.sum() / self._count.sum()).sqrt()
-            self.exploration_bonus = (self.bonus * sigma / (n_sa + 1).sqrt()).view(self.S, self.A)
+            bonus = (self.bonus * sigma / (n_sa + 1).sqrt()).view(self.S, self.A)
+            # A pair never tried keeps Q = 0, which can sit far below its state's tried actions (FrozenLake's
+            # values near the goal): lift it to the best tried one, so that its larger bonus makes it the
+            # state's best action until it has been tried once.
+            tried = seen.view(self.S, self.A)
+            best_tried = torch.where(tried, self.q, -torch.inf).amax(-1, keepdim=True)
+            lift = torch.where(~tried & tried.any(-1, keepdim=True), (best_tried - self.q).clamp_min(0), 0.0)
+            self.exploration_bonus = bonus + lift
 
     def _monte_carlo(self, batch: TensorDictBase, policy: Tensor) -> None:
         reward = batch["next", "reward"].squeeze(-1).double()
