@@ -110,7 +110,9 @@ def test_critic_refuses_bad_arguments():
 
 
 def test_exploration_bonus_equals_its_hand_computation():
-    """c sigma / sqrt(n + 1), sigma the pooled RMS residual of every sample's one-step target at the fitted Q."""
+    """c sqrt(sigma(s, a)^2 2 ln(1 + N(s)) / (n(s, a) + 1)), sigma(s, a)^2 = (sum of the pair's squared one-step
+    residuals + its state's mean square, at least the table's) / (n(s, a) + 1); untried pairs lifted to their
+    state's best tried Q."""
     batch = _chain_batch()
     # A reward that differs between the two samples of one (s, a, s') key: its spread counts in sigma.
     batch["next", "reward"][1, 1] = 0.5  # env 1's (0, 1) -> 1 pays 0.5, env 0's pays 0
@@ -124,11 +126,17 @@ def test_exploration_bonus_equals_its_hand_computation():
     # Every sample (s, a, r, s', terminated) of the batch, by hand.
     samples = [(0, 1, 0.0, 1, False), (1, 1, 0.0, 2, False), (2, 1, 1.0, 2, True),
                (0, 0, 0.0, 0, False), (0, 1, 0.5, 1, False), (1, 1, 0.0, 2, True)]
-    residuals = [r + gamma * (0.0 if t else 1.0) * v[s2].item() - q[s, a].item() for s, a, r, s2, t in samples]
-    sigma = (sum(x * x for x in residuals) / len(residuals)) ** 0.5
-    assert sigma > 0.05  # (1, 1) has two outcomes: the residuals are not all zero
+    sq = torch.zeros(3, 2, dtype=torch.float64)
+    for s, a, r, s2, t in samples:
+        sq[s, a] += (r + gamma * (0.0 if t else 1.0) * v[s2].item() - q[s, a].item()) ** 2
+    pooled = sq.sum() / len(samples)
+    assert sq[0, 1] > 0.01 and sq[1, 1] > 0.01  # two different targets each: the spreads are not zero
     counts = torch.tensor([[1, 2], [0, 2], [0, 1]], dtype=torch.float64)
-    expected = 2.0 * sigma / (counts + 1).sqrt()
+    visits = counts.sum(-1, keepdim=True)
+    prior = torch.maximum(sq.sum(-1, keepdim=True) / visits.clamp_min(1), pooled)  # the state's, at least the table's
+    assert prior[1, 0] > pooled and prior[2, 0] == pooled  # both branches taken
+    spread = (sq + prior) / (counts + 1)
+    expected = 2.0 * (spread * 2 * torch.log(1 + visits) / (counts + 1)).sqrt()
     # Never-tried pairs are first lifted to their state's best tried Q: (1, 0) to Q(1, 1), (2, 0) to Q(2, 1).
     expected[1, 0] += q[1, 1] - q[1, 0]
     expected[2, 0] += q[2, 1] - q[2, 0]
@@ -140,9 +148,6 @@ def test_exploration_bonus_equals_its_hand_computation():
     # Never-tried actions become their state's best: state 1's action 0, for any c > 0.
     adv, plain_adv = critic.advantage(policy), plain.advantage(policy)
     assert adv[1, 0] > adv[1, 1] and plain_adv[1, 0] < plain_adv[1, 1]
-    # A tried, under-sampled action gains on a well-sampled one only through its count: (0, 0) once, (0, 1) twice.
-    assert adv[0, 0] - adv[0, 1] - (plain_adv[0, 0] - plain_adv[0, 1]) == pytest.approx(
-        2.0 * sigma * (1 / 2 ** 0.5 - 1 / 3 ** 0.5))
 
 
 def test_visitation_weights_are_discounted_by_step():

@@ -218,13 +218,14 @@ class TabularCritic:
             Monte-Carlo returns of the current batch (on-policy), bootstrapped with the current
             table where a trajectory is cut by the time limit or the batch end.
         sweeps: TD sweeps per update.
-        bonus: ``c`` of the count-based exploration bonus ``c sigma / sqrt(n(s, a) + 1)`` that
-            :meth:`advantage` adds to ``Q`` (0: none, the paper's advantages). ``n(s, a)`` counts the
-            transitions seen from ``(s, a)``; ``sigma`` is the pooled root-mean-square residual of their
-            one-step targets ``r + gamma (1 - terminated) V(s')`` at the current table, so the bonus is in
-            the units of the returns and needs no per-env scale. A pair never tried, in a state where some
-            action was, is first lifted to that state's best tried ``Q`` (optimistic initialisation), so
-            that it is tried once. ``"td"`` only (it reads the stored counts).
+        bonus: ``c`` of the count-based exploration bonus that :meth:`advantage` adds to ``Q`` (0: none,
+            the paper's advantages): UCB1's ``c sigma(s, a) sqrt(2 ln(1 + N(s)) / (n(s, a) + 1))``, with
+            ``n(s, a)`` the transitions seen from ``(s, a)``, ``N(s)`` from ``s``, and ``sigma(s, a)^2`` the
+            mean square residual of the pair's one-step targets ``r + gamma (1 - terminated) V(s')`` at the
+            current table, shrunk by one pseudo-sample toward its state's (at least the whole table's): in the
+            units of the returns, so ``c`` needs no per-env scale. A pair never tried, in a state where some
+            action was, is first lifted to that state's best tried ``Q`` (optimistic initialisation), so that
+            it is tried. ``"td"`` only (it reads the stored counts).
 
     Pairs never seen keep their initial value 0. Without a bonus, the exact update makes the policy
     deterministic wherever an advantage gap exceeds lambda*, so an action whose few samples
@@ -327,8 +328,17 @@ class TabularCritic:
             mean_r = self._reward / self._count
             gap = mean_r + self.gamma * (1 - term) * v[s2] - q[sa]
             squares = (self._reward_sq - self._count * mean_r ** 2).clamp_min(0) + self._count * gap ** 2
-            sigma = (squares.sum() / self._count.sum()).sqrt()
-            bonus = (self.bonus * sigma / (n_sa + 1).sqrt()).view(self.S, self.A)
+            pair_sq = torch.zeros_like(n_sa).index_add_(0, sa, squares).view(self.S, self.A)
+            n_s = n_sa.view(self.S, self.A).sum(-1, keepdim=True)
+            # Each pair's own spread, shrunk by one pseudo-sample toward its state's (all its actions' samples;
+            # at least the whole table's): one sample has no spread, and the table's mean is dominated by the
+            # many low-variance states, far below that of a state next to a hole.
+            prior = torch.maximum(pair_sq.sum(-1, keepdim=True) / n_s.clamp_min(1), squares.sum() / self._count.sum())
+            spread = (pair_sq + prior) / n_sa.view(self.S, self.A).add(1)
+            # UCB1's sqrt(2 ln N(s) / n(s, a)): an action that its first samples underestimated keeps being
+            # retried, ever more rarely, instead of being dropped for good once its count passes a constant.
+            n_pair = (n_sa + 1).view(self.S, self.A)
+            bonus = self.bonus * (spread * 2 * torch.log1p(n_s) / n_pair).sqrt()
             # A pair never tried keeps Q = 0, which can sit far below its state's tried actions (FrozenLake's
             # values near the goal): lift it to the best tried one, so that its larger bonus makes it the
             # state's best action until it has been tried once.
