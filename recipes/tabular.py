@@ -99,6 +99,10 @@ def main(cfg: DictConfig) -> dict:
         finished = batch["next", "done"].squeeze(-1)
         episode_return = batch["next", "episode_reward"].squeeze(-1)[finished].double()
 
+        if cfg.estimator.get("bonus_anneal", False):
+            # Explore early, exploit late: the bonus falls linearly to 0 at the last update (as the network
+            # recipe's learning rate), so the final policy is greedy in the estimates rather than in the bonus.
+            critic.bonus = cfg.estimator.bonus * max(0.0, 1.0 - frames / cfg.total_frames)
         critic.update(batch, policy.probs)
         advantage = critic.advantage(policy.probs)
         if cfg.state_weight == "discounted":
@@ -120,6 +124,7 @@ def main(cfg: DictConfig) -> dict:
             "dual_transport": sol.transport.item() if cfg.algo.split else float("nan"),
             "audited_transport": audited,
             "epsilon": float(cfg.epsilon),
+            "bonus": critic.bonus,
             "violation": float(audited > cfg.epsilon * (1 + VIOLATION_RTOL)),
         }
         history.append(row)

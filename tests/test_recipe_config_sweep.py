@@ -113,6 +113,7 @@ def test_train_recipe_refuses_bad_config(overrides, names):
     (["estimator.bonus=-1"], ["estimator.bonus must be a finite number >= 0"]),
     (["estimator.bonus=true"], ["estimator.bonus must be a finite number >= 0"]),
     (["estimator=mc", "estimator.bonus=1.0"], ["estimator.bonus=1.0 needs estimator=td"]),
+    (["estimator.bonus_anneal=maybe"], ["estimator.bonus_anneal must be true or false"]),
     (["env.name=CartPole-v1"], ["env.name='CartPole-v1' must have Discrete observations and actions"]),
     (["env.name=Blackjack-v1"], ["env.name='Blackjack-v1' must have Discrete observations and actions"]),
     (["+env.kwargs.slippery=true"], ["env.kwargs.slippery: CliffWalking-v1 takes no such argument", "is_slippery"]),

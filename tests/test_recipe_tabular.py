@@ -35,6 +35,9 @@ def test_recipe_runs_and_writes_summary_plot_and_logs(tmp_path, algo):
     assert (tmp_path / "curve.png").stat().st_size > 0
     rows = list(csv.reader(open(tmp_path / "logs" / "scalars" / "audited_transport.csv")))
     assert len(rows) == 4
+    # The exploration bonus (estimator.bonus 1.0) falls linearly to 0 at the last update (estimator.bonus_anneal).
+    bonus = [float(v) for _, v in csv.reader(open(tmp_path / "logs" / "scalars" / "bonus.csv"))]
+    assert bonus == pytest.approx([0.75, 0.5, 0.25, 0.0])
     # CliffWalking has a transition table: the greedy policy's exact return and the optimum (13 steps of -1).
     assert summary["optimal_return"] == pytest.approx(-13.0)
     probs = torch.load(tmp_path / "policy.pt", weights_only=False)["probs"]

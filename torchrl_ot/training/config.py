@@ -131,6 +131,8 @@ def check_tabular_config(cfg: DictConfig) -> None:
     bonus = cfg.estimator.get("bonus", 0.0)
     if isinstance(bonus, bool) or not isinstance(bonus, (int, float)) or not (bonus >= 0 and math.isfinite(bonus)):
         raise ValueError(f"estimator.bonus must be a finite number >= 0 (0: no exploration bonus), got {bonus!r}")
+    if not isinstance(cfg.estimator.get("bonus_anneal", False), bool):
+        raise ValueError(f"estimator.bonus_anneal must be true or false, got {cfg.estimator.get('bonus_anneal')!r}")
     if bonus > 0 and cfg.estimator.name != "td":
         raise ValueError(f"estimator.bonus={bonus} needs estimator=td (its stored counts); with "
                          f"estimator={cfg.estimator.name} pass estimator.bonus=0")
