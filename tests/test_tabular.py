@@ -103,8 +103,9 @@ def test_critic_refuses_bad_arguments():
         TabularCritic(2, 2, gamma=0.9, estimator="qlearning")
     with pytest.raises(ValueError, match="gamma"):
         TabularCritic(2, 2, gamma=1.0)
-    with pytest.raises(ValueError, match="bonus"):
-        TabularCritic(2, 2, gamma=0.9, bonus=-0.5)
+    for bad in (-0.5, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="bonus must be a finite number"):
+            TabularCritic(2, 2, gamma=0.9, bonus=bad)
     with pytest.raises(ValueError, match="bonus=1.0 needs estimator='td'"):
         TabularCritic(2, 2, gamma=0.9, estimator="mc", bonus=1.0)
 
