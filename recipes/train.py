@@ -57,6 +57,7 @@ from torchrl_ot.training import (
     check_config,
     check_device,
     check_run_dir,
+    compiled_loss,
     epochs_and_minibatches,
     evaluate,
     load_checkpoint,
@@ -114,6 +115,7 @@ def main(cfg: DictConfig) -> dict:
     algorithm = make_algorithm(cfg, policy, discrete, actor, critic, head)  # ALGO LOGIC
     loss_module = algorithm.loss_module.to(device)  # the actor, critic and head are its submodules
     params = list(loss_module.parameters())  # once: a module walk per step costs more than the clipping
+    step_loss = compiled_loss(loss_module) if cfg.compile else loss_module  # the minibatch steps' (compile=true)
     optim = make_optimizer(params, cfg)
     obs_stats = new_obs_stats(obs_dim) if cfg.obs_norm.enabled else None
     return_stats = new_return_stats() if cfg.reward_scaling.enabled else None
@@ -218,7 +220,7 @@ def main(cfg: DictConfig) -> dict:
                     estimate_advantages(batch)
                     rb.refresh(batch)
                 for _ in range(num_minibatches):
-                    out = loss_module(rb.sample())
+                    out = step_loss(rb.sample())
                     loss = algorithm.minibatch_loss(out)  # ALGO LOGIC: TRPO trains only the critic here
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"non-finite loss {loss.item()} at {frames} frames")

@@ -91,6 +91,8 @@ def _refused(recipe: Path, run_dir: Path, overrides: list[str], *names: str) -> 
     (["logger=foo"], ["Could not find 'logger/foo'", "csv", "tensorboard"]),
     (["estimator=foo"], ["Could not find 'estimator/foo'", "gae", "td_lambda"]),
     (["resume=maybe"], ["resume must be true or false"]),
+    (["compile=yes"], ["compile must be true or false", "'yes'"]),
+    (["compile=true", "env=Pendulum-v1", "algo=bgpg"], ["compile=true applies to algo in", "algo='bgpg'"]),
     (["env.name=Blackjack-v1"], ["env.name='Blackjack-v1'", "flat Box observation space", "Tuple"]),
     (["+env.kwargs.sutton=true"], ["env.kwargs.sutton: CartPole-v1 takes no such argument", "sutton_barto_reward"]),
 ])

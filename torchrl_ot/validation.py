@@ -115,8 +115,12 @@ def raise_first_failed(checks: Sequence[tuple[Tensor, Callable[[], str]]]) -> No
     """Evaluate every 0-dim bool tensor of ``checks`` with ONE device sync; raise the message of the first False.
 
     The messages are callables so that a value in a message (a smallest entry) is read only on failure.
+
+    Under ``torch.compile`` (the recipe's ``compile=true``) nothing is evaluated: the sync would cut the graph
+    in two. The caller checks the compiled step's outputs instead and reruns a non-finite one eagerly, where
+    these checks raise by name (:func:`torchrl_ot.training.compiled_loss`).
     """
-    if not checks:
+    if not checks or torch.compiler.is_compiling():
         return
     flags = [flag if flag.dim() == 0 else flag.reshape(()) for flag, _ in checks]
     if len(flags) == 1:

@@ -474,8 +474,13 @@ class OTTrustRegionLoss(TrustRegionProjection, ActorCriticLoss, metaclass=_Setti
         # matters reaches a loss, so a NaN input shows up here; only then look for the culprit by name. lam* and
         # the advantage join them: the Gaussian hinge clamps an infinite lam* c or a -inf advantage to a finite 0
         # (with a NaN gradient for the former).
-        if not bool(torch.isfinite(torch.cat([*(out[name].detach().reshape(-1) for name in losses),
-                                              lam.reshape(-1), adv.reshape(-1)])).all()):
+        finite = torch.isfinite(torch.cat([*(out[name].detach().reshape(-1) for name in losses),
+                                           lam.reshape(-1), adv.reshape(-1)])).all()
+        if torch.compiler.is_compiling():
+            # Under torch.compile the check would break the graph in two: it travels out as "ot_finite" and
+            # the caller checks it (the recipe reruns the step eagerly to raise the error below by name).
+            out["ot_finite"] = finite
+        elif not bool(finite):
             self._check_entries(td, [*self.in_keys, keys.value_target, *needed])
             raise ValueError(f"{type(self).__name__} produced a non-finite loss from finite inputs (overflow?); "
                              "refusing a NaN update")

@@ -15,6 +15,7 @@ matplotlib); import it explicitly::
   critic's targets by the lambda-returns' (Tianshou's rew_norm);
 - ``collection``: the collector (this process, local workers or Ray actors) and the Ray workers' statistics;
 - ``optim``: the optimiser (Adam or RMSprop) and the learning-rate schedule;
+- ``compiled``: the minibatch step's loss under ``torch.compile`` (``compile=true``);
 - ``config``: the config checks and the process-wide settings of a run;
 - ``checkpoint``: RNG states, atomic checkpoints, CSV logs cut back on resume;
 - ``summary``: the logger, ``summary.json`` and ``curve.png``.
@@ -53,6 +54,7 @@ from torchrl_ot.training.collection import (
     merge_moment_stats,
     ray_available,
 )
+from torchrl_ot.training.compiled import COMPILABLE_ALGOS, compiled_loss
 from torchrl_ot.training.config import (
     check_config,
     check_device,
@@ -77,6 +79,8 @@ from torchrl_ot.training.summary import PHASES, make_logger, make_summary, plot_
 __all__ = [
     "A2C",
     "ALGORITHMS",
+    "COMPILABLE_ALGOS",
+    "compiled_loss",
     "COLLECTOR_BACKENDS",
     "RayStatistics",
     "check_collector_config",

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from torchrl_ot.training.algorithms import algorithm_class
 from torchrl_ot.training.collection import check_collector_config
+from torchrl_ot.training.compiled import COMPILABLE_ALGOS
 from torchrl_ot.training.env import check_env_name
 from torchrl_ot.training.optim import OPTIMIZERS
 
@@ -75,6 +76,12 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"recompute_advantage=true applies to algo in {RECOMPUTE_ALGOS} (their minibatch steps read "
                          f"the advantages), not to algo={cfg.algo.name!r}: its step before the epochs uses the "
                          "batch's advantages as computed once")
+    compile_ = cfg.get("compile", False)
+    if not isinstance(compile_, bool):
+        raise ValueError(f"compile must be true or false, got {compile_!r}")
+    if compile_ and cfg.algo.name not in COMPILABLE_ALGOS:
+        raise ValueError(f"compile=true applies to algo in {COMPILABLE_ALGOS}, not to algo={cfg.algo.name!r}: its "
+                         "step updates the loss's own state between minibatches (use compile=false)")
     check_collector_config(cfg)
     check_device(cfg.get("device", "cpu"))
     check_env_name(cfg.env.name)
