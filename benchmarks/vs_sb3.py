@@ -29,6 +29,7 @@ its collection time, the recipe's in its update ("advantage").
     .venv/bin/python benchmarks/vs_sb3.py                                     # CartPole-v1, HalfCheetah-v5
     .venv/bin/python benchmarks/vs_sb3.py --envs CartPole-v1 --frames 40960 --reps 5 --core 0
     .venv/bin/python benchmarks/vs_sb3.py --out benchmarks/results/vs_sb3     # keeps runs.csv and table.md
+    .venv/bin/python benchmarks/vs_sb3.py --compile --frames 204800           # + compile=true (5 runs per rep)
 
 Not a test: it asserts nothing (tests/test_vs_sb3.py runs a smoke version).
 """
@@ -54,8 +55,12 @@ from typing import Any
 # should hold SB3 and torch alone (no torchrl, no hydra), as a user's SB3 script would.
 ROOT = Path(__file__).resolve().parents[1]
 ALGOS = ("sb3_ppo", "ppo", "ot_trpo")  # "ppo", "ot_trpo": recipes/train.py algo=
-LABELS = {"sb3_ppo": "SB3 PPO", "ppo": "recipe PPO", "ot_trpo": "recipe OT-TRPO"}
+COMPILED = ("ppo_compiled", "ot_trpo_compiled")  # --compile: the same with compile=true
+LABELS = {"sb3_ppo": "SB3 PPO", "ppo": "recipe PPO", "ot_trpo": "recipe OT-TRPO",
+          "ppo_compiled": "recipe PPO compiled", "ot_trpo_compiled": "recipe OT-TRPO compiled"}
 RATIOS = (("ppo", "sb3_ppo"), ("ot_trpo", "sb3_ppo"), ("ot_trpo", "ppo"))
+COMPILED_RATIOS = (("ppo_compiled", "sb3_ppo"), ("ot_trpo_compiled", "sb3_ppo"), ("ot_trpo_compiled", "ppo_compiled"),
+                   ("ppo_compiled", "ppo"))
 PHASES = ("advantage", "solve", "epochs", "project")  # the recipe's update_time_breakdown_s (checked in main)
 FIELDS = ["algo", "env", "rep", "position", "frames", "seconds", "frames_per_s", "collection_s", "update_s",
           *(f"{phase}_s" for phase in PHASES)]
@@ -97,7 +102,10 @@ def describe(s: dict[str, Any]) -> str:
 
 
 def recipe_overrides(s: dict[str, Any], algo: str) -> list[str]:
-    """Hydra overrides fixing every shared setting (and, for PPO, its clip and advantage normalisation)."""
+    """Hydra overrides fixing every shared setting (and, for PPO, its clip and advantage normalisation);
+    ``algo`` is a recipe algo, or one of COMPILED (the same algo with ``compile=true``)."""
+    compiled = algo in COMPILED
+    algo = algo.removesuffix("_compiled")
     over = [f"num_envs={s['num_envs']}", f"frames_per_batch={s['frames_per_batch']}",
             f"num_epochs={s['num_epochs']}", f"num_minibatches={s['num_minibatches']}",
             f"num_cells=[{','.join(map(str, s['num_cells']))}]", f"num_threads={s['num_threads']}",
@@ -111,7 +119,7 @@ def recipe_overrides(s: dict[str, Any], algo: str) -> list[str]:
     if algo == "ppo":  # OT-TRPO has no clip; its normalize_advantage is per batch, before lambda*: its own
         over += [f"algo.clip_epsilon={s['clip_epsilon']!r}",
                  f"algo.normalize_advantage={str(s['normalize_advantage']).lower()}"]
-    return over
+    return [*over, "compile=true"] if compiled else over
 
 
 def run_recipe(env: str, algo: str, frames: int, seed: int, s: dict[str, Any], core: int) -> dict[str, float]:
@@ -120,7 +128,8 @@ def run_recipe(env: str, algo: str, frames: int, seed: int, s: dict[str, Any], c
     from throughput import finish, start
 
     with tempfile.TemporaryDirectory() as tmp:
-        finish(start(env, algo, frames, seed, recipe_overrides(s, algo), tmp, core), tmp)  # raises on failure
+        proc = start(env, algo.removesuffix("_compiled"), frames, seed, recipe_overrides(s, algo), tmp, core)
+        finish(proc, tmp)  # raises on failure
         summary = json.loads((Path(tmp) / "summary.json").read_text())
     phases = summary["update_time_breakdown_s"]
     update = sum(phases.values())
@@ -191,42 +200,45 @@ def sb3_worker(env: str, frames: int, seed: int, s: dict[str, Any], result: Path
                                   "collection_s": seconds - update, "update_s": update}))
 
 
-def rotation(rep: int) -> tuple[str, ...]:
-    """Rep ``rep``'s order: ALGOS rotated by ``rep`` (ABC, BCA, CAB, ...): each algorithm takes each position
-    once in any three reps, so none always runs first, on a cold cache, or last, after the others' drift.
+def rotation(rep: int, algos: tuple[str, ...] = ALGOS) -> tuple[str, ...]:
+    """Rep ``rep``'s order: ``algos`` rotated by ``rep`` (ABC, BCA, CAB, ...): each algorithm takes each
+    position once in any ``len(algos)`` reps, so none always runs first, on a cold cache, or last, after the
+    others' drift.
 
     >>> [''.join(a[0] for a in rotation(r)) for r in range(4)]
     ['spo', 'pos', 'osp', 'spo']
     """
-    k = rep % len(ALGOS)
-    return ALGOS[k:] + ALGOS[:k]
+    k = rep % len(algos)
+    return algos[k:] + algos[:k]
 
 
-def ratio_cells(fps: dict[str, list[float]]) -> list[str]:
-    """Per RATIOS pair: the ratio of the medians and the median of the per-rep ratios."""
+def ratio_cells(fps: dict[str, list[float]], ratios: tuple[tuple[str, str], ...] = RATIOS) -> list[str]:
+    """Per ``ratios`` pair: the ratio of the medians and the median of the per-rep ratios."""
     cells = []
-    for a, b in RATIOS:
+    for a, b in ratios:
         of_medians = statistics.median(fps[a]) / statistics.median(fps[b])
         paired = statistics.median(x / y for x, y in zip(fps[a], fps[b], strict=True))
         cells.append(f"{of_medians:.2f} / {paired:.2f}")
     return cells
 
 
-def tables(rows: list[dict[str, Any]], envs: list[str]) -> list[str]:
+def tables(rows: list[dict[str, Any]], envs: list[str], algos: tuple[str, ...] = ALGOS,
+           ratios: tuple[tuple[str, str], ...] = RATIOS) -> list[str]:
     """The two markdown tables: frames/s and ratios; the time split into collection and the update's phases."""
     def median(env: str, algo: str, key: str) -> float:
         return statistics.median(r[key] for r in rows if r["env"] == env and r["algo"] == algo)
 
-    speed = ["| env | " + " | ".join(f"{LABELS[a]} frames/s" for a in ALGOS) + " | "
-             + " | ".join(f"{LABELS[a]} / {LABELS[b]}" for a, b in RATIOS) + " |", "|---|" + "---|" * 6]
+    speed = ["| env | " + " | ".join(f"{LABELS[a]} frames/s" for a in algos) + " | "
+             + " | ".join(f"{LABELS[a]} / {LABELS[b]}" for a, b in ratios) + " |",
+             "|---|" + "---|" * (len(algos) + len(ratios))]
     split = ["| env | run | train s | collection s | update s | "
              + " | ".join(f"{phase} s" for phase in PHASES) + " |", "|---|---|" + "---|" * (3 + len(PHASES))]
     for env in envs:
-        fps = {a: [r["frames_per_s"] for r in rows if r["env"] == env and r["algo"] == a] for a in ALGOS}
+        fps = {a: [r["frames_per_s"] for r in rows if r["env"] == env and r["algo"] == a] for a in algos}
         speed.append(f"| {env} | " + " | ".join(
             f"{statistics.median(v):.0f} ({', '.join(f'{x:.0f}' for x in v)})" for v in fps.values())
-            + " | " + " | ".join(ratio_cells(fps)) + " |")
-        for algo in ALGOS:
+            + " | " + " | ".join(ratio_cells(fps, ratios)) + " |")
+        for algo in algos:
             train = median(env, algo, "seconds")
             shares = [f"{median(env, algo, key):.2f} ({100 * median(env, algo, key) / train:.0f}%)"
                       for key in ("collection_s", "update_s")]
@@ -247,6 +259,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="runs per (env, algorithm); default 3")
     parser.add_argument("--core", type=int, default=1, help="the core every run is pinned to (default 1)")
     parser.add_argument("--out", type=Path, default=None, help="write runs.csv and table.md here")
+    parser.add_argument("--compile", action="store_true",
+                        help="also the recipe's PPO and OT-TRPO with compile=true (its compiling time counted)")
     parser.add_argument("--worker", choices=["sb3"], help=argparse.SUPPRESS)  # one SB3 run (run_sb3)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--settings", type=json.loads, help=argparse.SUPPRESS)
@@ -269,20 +283,22 @@ def main() -> None:
         raise SystemExit(f"the recipe's update phases are {RECIPE_PHASES}, this script knows {PHASES}")
     import stable_baselines3
 
+    algos = ALGOS + COMPILED if args.compile else ALGOS
+    ratios = RATIOS + COMPILED_RATIOS if args.compile else RATIOS
     settings = {env: recipe_settings(env) for env in args.envs}
     # Both sides run whole batches: the recipe rounds its budget up to one, SB3's learn() loop too.
     frames = {env: math.ceil(args.frames / s["frames_per_batch"]) * s["frames_per_batch"]
               for env, s in settings.items()}
     head = [f"Command: `{' '.join(['.venv/bin/python benchmarks/vs_sb3.py', *sys.argv[1:]])}`; stable-baselines3 "
             f"{stable_baselines3.__version__}; {args.reps} reps, one run at a time on core {args.core}, order "
-            f"rotating (ABC, BCA, CAB); {platform.processor() or platform.machine()}, {os.cpu_count()} cores."]
+            f"rotating (ABC, BCA, CAB, ...); {platform.processor() or platform.machine()}, {os.cpu_count()} cores."]
     head += [f"{env}: {frames[env]} frames per run; {describe(s)}." for env, s in settings.items()]
     print("\n".join(head) + "\n", flush=True)
 
     rows = []
     for env in args.envs:
         for rep in range(args.reps):
-            for position, algo in enumerate(rotation(rep)):
+            for position, algo in enumerate(rotation(rep, algos)):
                 if algo == "sb3_ppo":
                     result = run_sb3(env, frames[env], rep, settings[env], args.core)
                 else:
@@ -291,7 +307,7 @@ def main() -> None:
                 print(f"{env} rep {rep} position {position}: {LABELS[algo]}: {result['frames_per_s']:.0f} frames/s "
                       f"({result['frames']} frames in {result['seconds']:.2f} s)", flush=True)
     body = "\n".join(["Frames/s: median over reps (each run). Ratios: of the medians / median of the per-rep "
-                      "ratios.", "", *tables(rows, args.envs)]) + "\n"
+                      "ratios.", "", *tables(rows, args.envs, algos, ratios)]) + "\n"
     print("\n" + body)  # the settings are at the top already
     table = "\n".join(head) + "\n\n" + body
     if args.out is not None:

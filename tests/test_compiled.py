@@ -110,3 +110,23 @@ def test_recipe_with_compile_matches_eager_run_to_rounding(tmp_path):
     for a, b in zip(eager["history"], fast["history"], strict=True):
         assert b["return"] == pytest.approx(a["return"], rel=1e-3)
     assert json.loads((tmp_path / "true" / "summary.json").read_text())["frames"] == 512
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_recipe_with_compile_runs_on_cuda(tmp_path):
+    # The same path on a GPU: the compiled loss on device=cuda, the same per-update losses as the eager run there.
+    import subprocess
+    import sys
+
+    tiny = ["env=CartPole-v1", "algo=ot_trpo", "total_frames=512", *SMALL, "num_epochs=2", "eval_every=512",
+            "eval_episodes=2", "progress=false", "device=cuda"]
+    runs = {}
+    for flag in ("false", "true"):
+        proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "train.py"), *tiny, f"compile={flag}",
+                               f"hydra.run.dir={tmp_path / flag}"], capture_output=True, text=True, cwd=ROOT,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[flag] = torch.load(tmp_path / flag / "checkpoint.pt", weights_only=False, map_location="cpu")
+    for a, b in zip(runs["false"]["updates"], runs["true"]["updates"], strict=True):
+        for key in ("loss_objective", "loss_critic", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-6), key
