@@ -45,7 +45,6 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tensordict import TensorDictBase
-from torch import nn
 from torchrl.data.tensor_specs import Categorical as CategoricalSpec
 from torchrl.data.tensor_specs import OneHot as OneHotSpec
 from tqdm import tqdm
@@ -57,6 +56,7 @@ from torchrl_ot.training import (
     check_config,
     check_device,
     check_run_dir,
+    clip_gradients,
     compiled_loss,
     epochs_and_minibatches,
     evaluate,
@@ -115,6 +115,11 @@ def main(cfg: DictConfig) -> dict:
     algorithm = make_algorithm(cfg, policy, discrete, actor, critic, head)  # ALGO LOGIC
     loss_module = algorithm.loss_module.to(device)  # the actor, critic and head are its submodules
     params = list(loss_module.parameters())  # once: a module walk per step costs more than the clipping
+    actor_ids = {id(p) for p in actor.parameters()}
+    clip_groups = [params] if cfg.grad_clip == "global" else [  # grad_clip=per_network: actor, the rest
+        [p for p in params if id(p) in actor_ids], [p for p in params if id(p) not in actor_ids]]
+    if not all(clip_groups):  # the functional losses hold copies of the networks' parameters
+        raise ValueError("grad_clip=per_network needs the actor's own parameters in the loss (loss_functional=false)")
     step_loss = compiled_loss(loss_module) if cfg.compile else loss_module  # the minibatch steps' (compile=true)
     optim = make_optimizer(params, cfg)
     obs_stats = new_obs_stats(obs_dim) if cfg.obs_norm.enabled else None
@@ -226,7 +231,7 @@ def main(cfg: DictConfig) -> dict:
                         raise FloatingPointError(f"non-finite loss {loss.item()} at {frames} frames")
                     optim.zero_grad()
                     loss.backward()
-                    grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    grad_norm = clip_gradients(clip_groups, cfg.max_grad_norm)
                     optim.step()
                     for k in STEP_MEANS:
                         if (value := out.get(k, None)) is not None:

@@ -17,9 +17,11 @@ from torchrl.modules import IndependentNormal, TanhNormal
 from torchrl.objectives.value import GAE
 
 from torchrl_ot.training import (
+    GRAD_CLIPS,
     ReturnScaling,
     ValueTargetScaling,
     check_config,
+    clip_gradients,
     make_env,
     make_networks,
     make_optimizer,
@@ -198,10 +200,40 @@ def test_rmsprop_and_the_learning_rate_horizon():
     assert scheduled_lr(cfg, updates_done=6_250, total_batches=12_500) == 7e-4
 
 
+def test_per_network_clipping_keeps_the_actor_step_when_the_critic_gradient_is_large():
+    torch.manual_seed(0)
+    actor, critic = torch.nn.Linear(3, 2), torch.nn.Linear(3, 1)
+    x = torch.randn(16, 3)
+    grads = {}
+    for mode in GRAD_CLIPS:
+        for net in (actor, critic):
+            net.zero_grad()
+        (actor(x).pow(2).mean() + 1e4 * critic(x).pow(2).mean()).backward()  # the critic's norm dominates
+        actor_params, critic_params = list(actor.parameters()), list(critic.parameters())
+        raw = [p.grad.clone() for p in actor_params]
+        groups = [actor_params + critic_params] if mode == "global" else [actor_params, critic_params]
+        total = clip_gradients(groups, 0.5)
+        full = torch.cat([p.grad.flatten() for p in actor_params + critic_params])
+        grads[mode] = [p.grad.clone() for p in actor_params]
+        if mode == "global":
+            torch.testing.assert_close(full.norm(), torch.tensor(0.5))
+        else:
+            actor_norm = torch.cat([g.flatten() for g in raw]).norm()
+            expected = [g * min(1.0, 0.5 / (float(actor_norm) + 1e-6)) for g in raw]
+            for got, want in zip(grads[mode], expected, strict=True):
+                torch.testing.assert_close(got, want)
+            assert float(torch.cat([p.grad.flatten() for p in critic_params]).norm()) == pytest.approx(0.5, rel=1e-5)
+        assert float(total) > 100  # the pre-clip norm over both, as logged
+    ratio = torch.cat([g.flatten() for g in grads["per_network"]]).norm() / torch.cat(
+        [g.flatten() for g in grads["global"]]).norm()
+    assert ratio > 10  # under the global clip the critic's spike shrank the actor's gradient
+
+
 @pytest.mark.parametrize(("override", "match"), [("optimizer=sgd", "optimizer"),
                                                  ("action_bound=squash", "action_bound"),
                                                  ("reward_scaling.mode=returns", "reward_scaling.mode"),
                                                  ("lr_anneal_frames=0", "lr_anneal_frames"),
+                                                 ("grad_clip=actor", "grad_clip"),
                                                  ("recompute_advantage=1", "recompute_advantage"),
                                                  ("recompute_advantage=true", "recompute_advantage"),
                                                  ("algo=trpo recompute_advantage=true", "algo='trpo'")])

@@ -67,7 +67,7 @@ from torchrl_ot.training.config import (
 from torchrl_ot.training.env import EVAL_SEED_OFFSET, check_env_name, evaluate, make_env, new_obs_stats
 from torchrl_ot.training.networks import ObsActionMLP, ValueAndAdvantage, make_networks, mlp, resolve_policy
 from torchrl_ot.training.obs_norm import RunningObsNorm
-from torchrl_ot.training.optim import OPTIMIZERS, make_optimizer, scheduled_lr
+from torchrl_ot.training.optim import GRAD_CLIPS, OPTIMIZERS, clip_gradients, make_optimizer, scheduled_lr
 from torchrl_ot.training.reward_scaling import (
     ReturnScaling,
     ValueTargetScaling,
@@ -91,6 +91,7 @@ __all__ = [
     "ray_available",
     "EVAL_SEED_OFFSET",
     "PHASES",
+    "GRAD_CLIPS",
     "OPTIMIZERS",
     "PPO",
     "ReturnScaling",
@@ -116,6 +117,7 @@ __all__ = [
     "make_logger",
     "make_loss",
     "make_networks",
+    "clip_gradients",
     "make_optimizer",
     "make_summary",
     "minibatches",

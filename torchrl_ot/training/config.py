@@ -18,7 +18,7 @@ from torchrl_ot.training.algorithms import algorithm_class
 from torchrl_ot.training.collection import check_collector_config
 from torchrl_ot.training.compiled import COMPILABLE_ALGOS
 from torchrl_ot.training.env import check_env_name
-from torchrl_ot.training.optim import OPTIMIZERS
+from torchrl_ot.training.optim import GRAD_CLIPS, OPTIMIZERS
 
 POSITIVE_INTS = ("total_frames", "frames_per_batch", "num_envs", "num_epochs", "num_minibatches", "eval_every",
                  "eval_episodes", "checkpoint_every", "num_collectors", "num_threads")
@@ -63,7 +63,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"frames_per_batch={cfg.frames_per_batch} must be divisible by num_minibatches="
                          f"{num_minibatches} and by num_envs x num_collectors={cfg.num_envs * cfg.num_collectors}")
     choices = {"optimizer": OPTIMIZERS, "action_bound": ("tanh", "clip"),
-               "reward_scaling.mode": REWARD_SCALING_MODES}
+               "reward_scaling.mode": REWARD_SCALING_MODES, "grad_clip": GRAD_CLIPS}
     for key, allowed in choices.items():
         check_choice(cfg, key, allowed)
     anneal = cfg.get("lr_anneal_frames")

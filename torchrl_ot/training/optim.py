@@ -9,6 +9,10 @@ from omegaconf import DictConfig
 
 OPTIMIZERS = ("adam", "rmsprop")
 
+#: ``grad_clip``: one norm over every parameter (SB3's, TorchRL's PPO scripts'), or one per network (the actor's,
+#: and the rest: critic and advantage head), so that a critic whose loss spikes does not shrink the actor's step.
+GRAD_CLIPS = ("global", "per_network")
+
 
 def make_optimizer(params: Sequence[torch.nn.Parameter], cfg: DictConfig) -> torch.optim.Optimizer:
     """``cfg.optimizer`` over ``params`` at ``cfg.lr`` with eps ``cfg.adam_eps``: Adam (fused with
@@ -26,6 +30,19 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], cfg: DictConfig) -> tor
     if name == "rmsprop":
         return torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.99, eps=cfg.adam_eps)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+def clip_gradients(groups: Sequence[Sequence[torch.nn.Parameter]], max_norm: float) -> torch.Tensor:
+    """Clip each group's gradients to the norm ``max_norm`` (one group: the global clip), in place, and return
+    the norm of all of them before clipping (what ``clip_grad_norm_`` returns for one group).
+
+    >>> a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    >>> a.grad, b.grad = torch.tensor([3.0]), torch.tensor([40.0])
+    >>> round(float(clip_gradients([[a], [b]], 1.0)), 4), round(float(a.grad), 4), round(float(b.grad), 4)
+    (40.1123, 1.0, 1.0)
+    """
+    norms = [torch.nn.utils.clip_grad_norm_(group, max_norm) for group in groups]
+    return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
 
 
 def scheduled_lr(cfg: DictConfig, updates_done: int, total_batches: int) -> float:
