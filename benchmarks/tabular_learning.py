@@ -51,10 +51,13 @@ BUDGETS = {
 SETTING_BUDGETS = {
     "CliffWalking-v1:is_slippery=true": 300_000,
     "FrozenLake-v1:is_slippery=false": 100_000,
-    "FrozenLake-v1:map_name=8x8": 300_000,
+    "FrozenLake-v1:map_name=8x8": 1_000_000,
     "Taxi-v4:is_rainy=true": 500_000,
     "NChain-v0:n=10": 300_000,
 }
+# The toy-text table (--toy-text) gives FrozenLake 4x4 300k frames: at 100k one seed in five ends at 0.81 of the
+# optimum (benchmarks/results/tabular_toy_text/NOTES.md), and the toy-text settings are allowed 1M.
+TOY_TEXT_BUDGETS = {"FrozenLake-v1": 300_000}
 # What "solved" means on each environment (the targets the table checks).
 TARGETS = {"CliffWalking-v1": -13.0, "NChain-v0": 3500.0, "Taxi-v4": 7.5}
 
@@ -88,11 +91,17 @@ def setting_folder(setting: str) -> str:
     return env + "".join(f"_{k}-{_literal(v)}" for k, v in kwargs.items())
 
 
+def _budget(run_dir: Path) -> int | None:
+    """The ``total_frames`` a run was started with (its Hydra config), so that a changed budget reruns it."""
+    config = run_dir / ".hydra" / "config.yaml"
+    return yaml.safe_load(config.read_text()).get("total_frames") if config.exists() else None
+
+
 def run_one(setting: str, algo: str, seed: int, frames: int, out: Path, extra: list[str]) -> dict:
     env, kwargs = parse_setting(setting)
     run_dir = out / setting_folder(setting) / algo / f"seed{seed}"
     summary = run_dir / "summary.json"
-    if summary.exists():  # finished earlier: a killed benchmark resumes where it stopped
+    if summary.exists() and _budget(run_dir) == frames:  # finished earlier: a killed benchmark resumes
         return {**json.loads(summary.read_text()), "setting": setting}
     cmd = [sys.executable, str(ROOT / "recipes" / "tabular.py"), f"env.name={env}", f"algo={algo}",
            f"seed={seed}", f"total_frames={frames}", "progress=false", f"hydra.run.dir={run_dir}",
@@ -169,7 +178,7 @@ def main() -> None:
         settings = [setting_name(*parse_setting(s)) for s in settings]
     except ValueError as err:
         parser.error(str(err))
-    budgets = {**BUDGETS, **SETTING_BUDGETS}
+    budgets = {**BUDGETS, **SETTING_BUDGETS, **(TOY_TEXT_BUDGETS if args.toy_text else {})}
     unknown = [s for s in settings if s not in budgets and args.frames is None]
     if unknown:
         parser.error(f"no default budget for {unknown}: pass --frames")
@@ -188,7 +197,8 @@ def main() -> None:
     md = table(results, settings, args.algos)
     header = (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
               f"seeds {seeds[0]}..{seeds[-1]}; {args.jobs} runs at a time; "
-              f"total {time.perf_counter() - start:.0f}s.")
+              f"{sum(r['wall_time_s'] for r in results):.0f}s of runs in all "
+              f"({time.perf_counter() - start:.0f}s in this call; finished runs are read back).")
     print()
     print(header)
     print(md)

@@ -41,3 +41,10 @@ def test_a_setting_runs_with_its_kwargs_and_its_fraction_of_the_optimum(tmp_path
     row = next(line for line in proc.stdout.splitlines() if line.startswith("| FrozenLake-v1:is_slippery=false"))
     assert "of 1.000" in row  # the non-slippery map's optimum (reached in 6 steps)
     assert "seeds 3..3" in proc.stdout
+    assert "(1,024)" in row
+    # A second call reads the finished run back, unless its budget changed: then the run is redone.
+    again = subprocess.run([*cmd[:cmd.index("--frames") + 1], "2048", *cmd[cmd.index("--frames") + 2:]],
+                           capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert OmegaConf.load(run / ".hydra" / "config.yaml").total_frames == 2048
+    assert "| FrozenLake-v1:is_slippery=false (2,048)" in again.stdout
