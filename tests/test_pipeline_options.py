@@ -234,6 +234,10 @@ def test_per_network_clipping_keeps_the_actor_step_when_the_critic_gradient_is_l
                                                  ("reward_scaling.mode=returns", "reward_scaling.mode"),
                                                  ("lr_anneal_frames=0", "lr_anneal_frames"),
                                                  ("grad_clip=actor", "grad_clip"),
+                                                 ("max_grad_norm=-1", "max_grad_norm"),
+                                                 ("max_grad_norm=nan", "max_grad_norm"),
+                                                 ("lr=0", "lr"),
+                                                 ("adam_eps=inf", "adam_eps"),
                                                  ("recompute_advantage=1", "recompute_advantage"),
                                                  ("recompute_advantage=true", "recompute_advantage"),
                                                  ("algo=trpo recompute_advantage=true", "algo='trpo'")])

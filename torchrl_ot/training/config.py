@@ -22,6 +22,8 @@ from torchrl_ot.training.optim import GRAD_CLIPS, OPTIMIZERS
 
 POSITIVE_INTS = ("total_frames", "frames_per_batch", "num_envs", "num_epochs", "num_minibatches", "eval_every",
                  "eval_episodes", "checkpoint_every", "num_collectors", "num_threads")
+#: Finite numbers > 0 (a negative clip norm would flip the gradients' sign without an error from torch).
+POSITIVE_FLOATS = ("lr", "adam_eps", "max_grad_norm")
 
 #: ``reward_scaling.mode``: what the running std of the returns divides (``rewards``: SB3's; ``value_targets``:
 #: Tianshou's).
@@ -51,6 +53,7 @@ def check_config(cfg: DictConfig) -> None:
     the batch's divisibility into minibatches and env copies, and the env's name."""
     algorithm_class(cfg.algo.name).check_config(cfg)
     check_positive_ints(cfg, POSITIVE_INTS)
+    check_positive_floats(cfg, POSITIVE_FLOATS)
     gamma = cfg.env.gamma
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
         raise ValueError(f"env.gamma must be a number in (0, 1], got {gamma!r}")
@@ -155,6 +158,14 @@ def check_positive_ints(cfg: DictConfig, keys: Sequence[str]) -> None:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
+
+
+def check_positive_floats(cfg: DictConfig, keys: Sequence[str]) -> None:
+    """Refuse any of ``keys`` (dotted) that is not a finite number > 0 (a bool is not one)."""
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
 
 
 def check_choice(cfg: DictConfig, key: str, allowed: Sequence[str]) -> None:
