@@ -14,6 +14,7 @@ matplotlib); import it explicitly::
 - ``reward_scaling``: rewards scaled by the discounted return's running std (SB3's VecNormalize), or the
   critic's targets by the lambda-returns' (Tianshou's rew_norm);
 - ``collection``: the collector (this process, local workers or Ray actors) and the Ray workers' statistics;
+- ``collection_policy``: the actor's sampling step without its TensorDict plumbing, for the collector;
 - ``optim``: the optimiser (Adam or RMSprop) and the learning-rate schedule;
 - ``compiled``: the minibatch step's loss under ``torch.compile`` (``compile=true``);
 - ``config``: the config checks and the process-wide settings of a run;
@@ -54,6 +55,7 @@ from torchrl_ot.training.collection import (
     merge_moment_stats,
     ray_available,
 )
+from torchrl_ot.training.collection_policy import CollectionPolicy
 from torchrl_ot.training.compiled import COMPILABLE_ALGOS, compiled_loss
 from torchrl_ot.training.config import (
     check_config,
@@ -86,6 +88,7 @@ __all__ = [
     "check_collector_config",
     "check_device",
     "make_collector",
+    "CollectionPolicy",
     "merge_ema_stats",
     "merge_moment_stats",
     "ray_available",

@@ -25,7 +25,9 @@ from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from torchrl.collectors import Collector
 from torchrl.envs import EnvBase, EnvCreator
+from torchrl.modules import ProbabilisticActor
 
+from torchrl_ot.training.collection_policy import CollectionPolicy
 from torchrl_ot.training.obs_norm import RunningObsNorm
 from torchrl_ot.training.reward_scaling import ReturnScaling
 
@@ -76,7 +78,9 @@ def make_collector(env_fns: Sequence[Callable[[], EnvBase]], actor: TensorDictMo
     each reserving ``collector.ray.num_cpus`` CPUs and no GPU, on the cluster at ``collector.ray.address`` (null:
     the one in ``$RAY_ADDRESS``, else a Ray started on this machine). Its batches are
     ``[num_collectors, num_envs, T]``; pair it with :class:`RayStatistics`. ``device`` (the learner's, when not
-    the CPU): the policy runs there, the envs on the CPU, the batch is stored there.
+    the CPU): the policy runs there, the envs on the CPU, the batch is stored there. In this process
+    (``num_collectors=1``, local) the actor samples through :class:`~torchrl_ot.training.CollectionPolicy` (the
+    same draws) and the batches carry no ``("collector", "traj_ids")``.
     """
     backend = (cfg.get("collector") or {}).get("backend", "local")
     devices = {} if device is None or device.type == "cpu" else {
@@ -92,7 +96,10 @@ def make_collector(env_fns: Sequence[Callable[[], EnvBase]], actor: TensorDictMo
     if cfg.num_collectors > 1:
         return Collector([EnvCreator(fn) for fn in env_fns], actor, num_collectors=cfg.num_collectors, sync=True,
                          auto_register_policy_transforms=False, **common)
-    return Collector(env_fns[0], actor, auto_register_policy_transforms=False, **common)
+    # In this process the collector runs the actor's sampling step without its TensorDict plumbing (the same
+    # draws: CollectionPolicy) and keeps no trajectory ids, which nothing here reads (GAE reads the done flags).
+    policy = CollectionPolicy(actor) if isinstance(actor, ProbabilisticActor) and len(actor.module) == 2 else actor
+    return Collector(env_fns[0], policy, auto_register_policy_transforms=False, track_traj_ids=False, **common)
 
 
 def merge_ema_stats(base: TensorDictBase, workers: Sequence[TensorDictBase]) -> TensorDict:
