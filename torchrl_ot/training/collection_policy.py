@@ -17,8 +17,9 @@ class CollectionPolicy(TensorDictModuleBase):
 
     A :class:`~torchrl.modules.ProbabilisticActor` of one parameter module and one distribution (what
     :func:`~torchrl_ot.training.make_networks` builds) spends most of a collection step on TensorDict
-    bookkeeping: on CartPole's 8 copies about 0.3 ms of the step's 1.3 ms, against about 0.05 ms for the MLP and
-    the draw. This module reads the observation, runs the parameter network on the tensor, builds
+    bookkeeping (on CartPole's 8 copies the actor's call took about a fifth of a 1.3 ms collection step; this
+    module's call about 0.63 of the actor's, 0.71 on HalfCheetah, measured side by side in one process).
+    This module reads the observation, runs the parameter network on the tensor, builds
     ``actor.distribution_class`` from its outputs, draws and scores the sample with TorchRL's own
     ``sample_and_log_prob``, and writes the same entries. It holds the actor (its parameters are the actor's:
     nothing to synchronise). Under any other exploration type (evaluation) it defers to the actor.
