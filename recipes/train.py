@@ -120,7 +120,8 @@ def main(cfg: DictConfig) -> dict:
         [p for p in params if id(p) in actor_ids], [p for p in params if id(p) not in actor_ids]]
     if not all(clip_groups):  # the functional losses hold copies of the networks' parameters
         raise ValueError("grad_clip=per_network needs the actor's own parameters in the loss (loss_functional=false)")
-    step_loss = compiled_loss(loss_module) if cfg.compile else loss_module  # the minibatch steps' (compile=true)
+    # The minibatch steps' loss: compiled (compile=true), it draws the next minibatch inside its graph.
+    step_loss = compiled_loss(loss_module) if cfg.compile else (lambda rb: loss_module(rb.sample()))
     optim = make_optimizer(params, cfg)
     obs_stats = new_obs_stats(obs_dim) if cfg.obs_norm.enabled else None
     return_stats = new_return_stats() if cfg.reward_scaling.enabled else None
@@ -225,7 +226,7 @@ def main(cfg: DictConfig) -> dict:
                     estimate_advantages(batch)
                     rb.refresh(batch)
                 for _ in range(num_minibatches):
-                    out = step_loss(rb.sample())
+                    out = step_loss(rb)
                     loss = algorithm.minibatch_loss(out)  # ALGO LOGIC: TRPO trains only the critic here
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"non-finite loss {loss.item()} at {frames} frames")

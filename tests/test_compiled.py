@@ -12,6 +12,7 @@ from torchrl.collectors import Collector
 from torchrl.data.tensor_specs import Categorical as CategoricalSpec
 
 from torchrl_ot.training import (
+    Minibatches,
     compiled_loss,
     make_algorithm,
     make_env,
@@ -74,12 +75,26 @@ def test_compiled_loss_equals_eager_and_refuses_nonfinite_by_name(overrides, bad
     assert any(bool(g.abs().sum() > 0) for g in eager_grads)
     for fast, eager in zip(fast_grads, eager_grads, strict=True):
         torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-6)
+    # Called on the minibatches themselves (the recipe's way), the graph gathers the same frames that sample()
+    # gives, from the same permutation draws.
+    torch.manual_seed(1)
+    eager_rb, fast_rb = Minibatches(td, 8), Minibatches(td, 8)
+    for _ in range(3):  # three minibatches of 8 from one permutation of the 64 frames
+        torch.manual_seed(2)
+        eager_mb = eager_rb.sample()
+        torch.manual_seed(2)
+        fast_mb = step(fast_rb)
+        eager_mb_out = loss(eager_mb)
+        for key in eager_mb_out.keys():
+            torch.testing.assert_close(fast_mb[key], eager_mb_out[key], rtol=1e-5, atol=1e-6)
     # A -inf advantage gives a finite hinge (clamped to 0); a NaN observation a NaN loss: either way the step is
-    # rerun eagerly and refused naming the entry, before any gradient exists.
+    # rerun eagerly and refused naming the entry, before any gradient exists; through the minibatches too.
     bad = td.clone()
-    bad[bad_key][0] = bad_value
+    bad[bad_key][:] = bad_value
     with pytest.raises(ValueError, match=bad_key):
         step(bad)
+    with pytest.raises(ValueError, match=bad_key):
+        step(Minibatches(bad, 8))
 
 
 def test_compiled_loss_refuses_a_non_loss():

@@ -56,7 +56,7 @@ from torchrl_ot.training.collection import (
     ray_available,
 )
 from torchrl_ot.training.collection_policy import CollectionPolicy
-from torchrl_ot.training.compiled import COMPILABLE_ALGOS, compiled_loss
+from torchrl_ot.training.compiled import COMPILABLE_ALGOS, CompiledLoss, compiled_loss
 from torchrl_ot.training.config import (
     check_config,
     check_device,
@@ -82,6 +82,7 @@ __all__ = [
     "A2C",
     "ALGORITHMS",
     "COMPILABLE_ALGOS",
+    "CompiledLoss",
     "compiled_loss",
     "COLLECTOR_BACKENDS",
     "RayStatistics",

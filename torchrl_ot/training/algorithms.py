@@ -74,13 +74,18 @@ class Minibatches:
         """Draw from ``batch``'s current entries from now on (advantages recomputed), in the same order."""
         self.data = batch.reshape(-1).exclude(*UNUSED_AFTER_ADVANTAGES)
 
-    def sample(self) -> TensorDictBase:
+    def next_index(self) -> torch.Tensor:
+        """The next minibatch's positions in the flat batch (``data``), as :meth:`sample` draws them."""
         if self._order is None:
             self._order = torch.randperm(self.data.numel())
         index, self._order = self._order[:self.size], self._order[self.size:]
         if self._order.numel() == 0:
             self._order = torch.randperm(self.data.numel())
-        return self.data[index]
+        return index
+
+    def sample(self) -> TensorDictBase:
+        """The next minibatch."""
+        return self.data[self.next_index()]
 
 
 def minibatches(batch: TensorDictBase, size: int) -> Minibatches:

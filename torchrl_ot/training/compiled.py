@@ -17,11 +17,12 @@ reaches the parameters either way.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
+from tensordict.utils import NestedKey
 from torchrl.objectives import LossModule
+
+from torchrl_ot.training.algorithms import Minibatches
 
 #: The output an OT loss adds under compilation: whether its losses, lam* and the advantages were finite.
 FINITE_KEY = "ot_finite"
@@ -31,11 +32,19 @@ FINITE_KEY = "ot_finite"
 COMPILABLE_ALGOS = ("ot_trpo", "wpo", "ppo", "a2c", "trpo")
 
 
-def compiled_loss(loss_module: LossModule) -> Callable[[TensorDictBase], TensorDictBase]:
-    """``loss_module``'s forward compiled by ``torch.compile`` (inductor, static shapes), with its value checks
-    moved out of the graph: a step whose outputs hold a NaN or an inf (or whose OT loss reports non-finite
-    inputs) is run again eagerly, which raises the loss's own error naming the entry; if the eager step is
-    finite after all, a ``FloatingPointError`` says so. The returned outputs are the loss's own keys.
+class CompiledLoss:
+    """``loss_module``'s forward compiled by ``torch.compile`` (inductor, static shapes), called on a minibatch
+    (a TensorDict) or on a :class:`~torchrl_ot.training.Minibatches` (its next minibatch, drawn as
+    :meth:`Minibatches.sample` draws it, gathered inside the compiled graph).
+
+    The graph takes plain tensors (the entries' leaves and the minibatch's indices) and rebuilds the
+    TensorDict inside: its guards are a few tensor checks, where a TensorDict argument costs a walk of its
+    keys and a TensorDict output its reconstruction on every call; the gather, the loss and (through
+    AOTAutograd) their backward become one set of generated kernels. Outputs: the loss's own keys.
+
+    The losses' value checks are moved out of the graph: a step whose outputs hold a NaN or an inf (or whose
+    OT loss reports non-finite inputs) is run again eagerly, which raises the loss's own error naming the
+    entry; if the eager step is finite after all, a ``FloatingPointError`` says so.
 
     >>> import torch
     >>> from torch import nn
@@ -61,22 +70,52 @@ def compiled_loss(loss_module: LossModule) -> Callable[[TensorDictBase], TensorD
     Traceback (most recent call last):
     ...
     ValueError: ...advantage...
+    >>> from torchrl_ot.training import Minibatches
+    >>> out = step(Minibatches(data, 8))  # the next 8 frames of a permutation, gathered in the graph
+    >>> out["loss_objective"].shape
+    torch.Size([])
     """
-    if not isinstance(loss_module, LossModule):
-        raise TypeError(f"loss_module must be a torchrl LossModule, got {type(loss_module).__name__}")
-    compiled = torch.compile(loss_module, dynamic=False)
 
-    def step(tensordict: TensorDictBase) -> TensorDictBase:
-        out = compiled(tensordict)
-        finite = out.get(FINITE_KEY, None)
-        if finite is not None:
-            out = out.exclude(FINITE_KEY)
-        losses = [v.detach().reshape(-1) for k, v in out.items() if k.startswith("loss_")]
+    def __init__(self, loss_module: LossModule) -> None:
+        if not isinstance(loss_module, LossModule):
+            raise TypeError(f"loss_module must be a torchrl LossModule, got {type(loss_module).__name__}")
+        self.loss_module = loss_module
+        self._graph = torch.compile(self._forward, dynamic=False)
+        self._source: TensorDictBase | None = None  # the Minibatches data whose leaves are cached
+        self._keys: tuple[NestedKey, ...] = ()
+        self._leaves: tuple[torch.Tensor, ...] = ()
+
+    def _forward(self, keys: tuple[NestedKey, ...], index: torch.Tensor | None,
+                 *leaves: torch.Tensor) -> dict[str, torch.Tensor]:
+        size = leaves[0].shape[0] if index is None else index.shape[0]
+        td = TensorDict({}, batch_size=[size])
+        for key, leaf in zip(keys, leaves, strict=True):
+            td.set(key, leaf if index is None else leaf[index])
+        return dict(self.loss_module(td).items())
+
+    def __call__(self, data: TensorDictBase | Minibatches) -> TensorDictBase:
+        if isinstance(data, Minibatches):
+            if self._source is not data.data:  # a new batch, or its advantages recomputed (refresh)
+                self._source = data.data
+                self._keys = tuple(data.data.keys(include_nested=True, leaves_only=True))
+                self._leaves = tuple(data.data.get(key) for key in self._keys)
+            index = data.next_index()
+            outputs = self._graph(self._keys, index, *self._leaves)
+            minibatch = lambda: data.data[index]  # noqa: E731 (the eager rerun's input, built only then)
+        else:
+            keys = tuple(data.keys(include_nested=True, leaves_only=True))
+            outputs = self._graph(keys, None, *(data.get(key) for key in keys))
+            minibatch = lambda: data  # noqa: E731
+        finite = outputs.pop(FINITE_KEY, None)
+        losses = [v.detach().reshape(-1) for k, v in outputs.items() if k.startswith("loss_")]
         ok = bool(torch.isfinite(torch.cat(losses)).all()) if losses else True
         if not (ok and (finite is None or bool(finite))):
-            loss_module(tensordict)  # eager: the loss's checks raise naming the entry
-            raise FloatingPointError(f"the compiled {type(loss_module).__name__} step gave a non-finite output "
+            self.loss_module(minibatch())  # eager: the loss's checks raise naming the entry
+            raise FloatingPointError(f"the compiled {type(self.loss_module).__name__} step gave a non-finite output "
                                      "where the eager one did not: run with compile=false")
-        return out
+        return TensorDict(outputs, batch_size=[])
 
-    return step
+
+def compiled_loss(loss_module: LossModule) -> CompiledLoss:
+    """``loss_module``'s forward under ``torch.compile``: :class:`CompiledLoss` (see there)."""
+    return CompiledLoss(loss_module)
