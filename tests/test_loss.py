@@ -241,6 +241,51 @@ def test_gaussian_mirror_candidate_matches_hand_computation():
         _make_loss("categorical", mirror=True)
 
 
+def test_gaussian_squared_hinge_matches_hand_computation():
+    # squared_hinge=True: the loss is -(1/B) sum_b max(A_b - lam* c(m_theta, a_b), 0)^2 (with the mirror, the larger
+    # candidate's), lam* the same as the plain hinge's (the exact update does not change), and each active sample's
+    # gradient is the plain hinge's times 2 (A_b - lam* c): its margin.
+    obs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, -1.0], [-1.0, 0.5]])
+    action = torch.tensor([[0.9], [-0.4], [1.3], [0.2], [-0.8]])
+    adv = torch.tensor([1.0, -2.5, 2.0, 0.3, -1.0])
+    critic = ValueOperator(nn.Linear(2, 1), in_keys=["observation"])
+    w_old, b_old, w_new, b_new = torch.tensor([0.2, -0.1]), 0.1, torch.tensor([0.5, 0.3]), 0.2
+    outs, lams = {}, {}
+    for squared in (False, True):
+        td = TensorDict({"observation": obs, "action": action, "advantage": adv[:, None],
+                         "value_target": torch.zeros(5, 1)}, batch_size=[5])
+        kwargs = {"cost": EuclideanCost(), "epsilon": 0.05, "mirror": True, "squared_hinge": squared}
+        lams[squared] = OTTrustRegionLoss(_fixed_actor(w_old, b_old)[0], critic, normalize_advantage=False,
+                                          **kwargs).solve_multiplier(td).multiplier
+        actor, lin = _fixed_actor(w_new, b_new)
+        out = OTTrustRegionLoss(actor, critic, **kwargs)(td)
+        out["loss_objective"].backward()
+        outs[squared] = (out, lin.weight.grad[0].clone(), lin.bias.grad[0].clone(), td["ot_candidates"][:, 0])
+    assert lams[True] == lams[False] > 0
+    lam = float(lams[True])
+    m = obs @ w_new + b_new
+    image = outs[True][3]
+    c_a, c_m = (m - action[:, 0]) ** 2, (m - image) ** 2
+    term = torch.maximum(adv - lam * c_a, -adv - lam * c_m)
+    margin = term.clamp_min(0)
+    assert int((margin > 0).sum()) >= 2 and bool((margin == 0).any())
+    out, grad_w, grad_b, _ = outs[True]
+    torch.testing.assert_close(out["loss_objective"], -margin.pow(2).mean())
+    # d/dm of -max(.)^2 = 2 margin lam dc/dm, dc/dm = 2 (m - target), target the active candidate
+    target = torch.where(adv - lam * c_a >= -adv - lam * c_m, action[:, 0], image)
+    dm = 2 * margin * lam * 2 * (m - target)
+    torch.testing.assert_close(grad_w, (dm[:, None] * obs).mean(0))
+    torch.testing.assert_close(grad_b, dm.mean())
+    # the plain hinge's per-sample pull is lam dc/dm on the same active samples: the same direction per sample
+    plain_dm = (margin > 0).float() * lam * 2 * (m - target)
+    torch.testing.assert_close(outs[False][2], plain_dm.mean())
+    with pytest.raises(ValueError, match="squared_hinge"):
+        OTTrustRegionLoss(_fixed_actor(w_old, b_old)[0], critic, cost=EuclideanCost(), epsilon=0.05,
+                          squared_hinge="yes")
+    with pytest.raises(ValueError, match="squared_hinge"):
+        _make_loss("categorical", squared_hinge=True)
+
+
 def test_gaussian_mirror_is_clamped_to_the_action_box():
     critic = ValueOperator(nn.Linear(OBS, 1), in_keys=["observation"])
     loss = OTTrustRegionLoss(_gaussian_actor(dist=TanhNormal), critic, cost=EuclideanCost(), epsilon=0.01, mirror=True)

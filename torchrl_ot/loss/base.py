@@ -84,7 +84,7 @@ class OTTrustRegionLoss(TrustRegionProjection, ActorCriticLoss, metaclass=_Setti
     One class per setting of Section 5 (``policy=`` here builds it):
 
     * :class:`~torchrl_ot.loss.GaussianOTLoss` (``"gaussian"``): the hinge of step 5 case 3 on the deterministic
-      action; options ``mirror``;
+      action; options ``mirror``, ``learn_scale``, ``scale_clip``, ``squared_hinge``;
     * :class:`~torchrl_ot.loss.CategoricalOTLoss` (``"categorical"``): regression onto the mass-split target
       (eq. 9-10); options ``advantage_network``, ``split``;
     * :class:`~torchrl_ot.loss.SampledOTLoss` (``"sampled"``): candidates drawn from pi_old (step 4 case 3);

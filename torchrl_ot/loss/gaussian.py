@@ -78,7 +78,7 @@ class GaussianTransportMixin:
 
 
 class GaussianOTLoss(GaussianTransportMixin, OTTrustRegionLoss, policy="gaussian",
-                     options={"mirror": False, "learn_scale": False, "scale_clip": 0.2}):
+                     options={"mirror": False, "learn_scale": False, "scale_clip": 0.2, "squared_hinge": False}):
     """OT-TRPO for a Gaussian or TanhNormal policy: Section 5, step 4 case 2 and step 5 case 3 (its Gaussian
     special case), with GAE advantages and a continuous ``cost``.
 
@@ -102,12 +102,18 @@ class GaussianOTLoss(GaussianTransportMixin, OTTrustRegionLoss, policy="gaussian
             ``sum_i L_i^2 (dloc_i^2 + dscale_i^2)``, the diagonal Gaussians' W2^2 pushed through the tanh
             (:func:`~torchrl_ot.functional.gaussian_transport_bound`), so the projection keeps the pair inside.
         scale_clip: the spread's ratio clip (PPO's ``clip_epsilon``), in (0, 1); used with ``learn_scale``.
+        squared_hinge: (not in the paper) the hinge squared, ``max(A_b - lam* c(m_theta, a_b), 0)**2`` (with the
+            mirror, the larger candidate's): each state's maximiser is the same candidate, so the exact update
+            is unchanged, but the fitted network weighs each sample's pull towards its candidate by its margin
+            (the gradient is ``2 (A_b - lam* c) lam* grad c``), as the policy gradient weighs by ``A_b``, where the
+            plain hinge pulls every active sample with the same ``lam*``.
         The other arguments are :class:`~torchrl_ot.OTTrustRegionLoss`'s.
     """
 
     def __init__(self, actor_network, critic_network, *, cost, epsilon: float, mirror: bool = False,
-                 learn_scale: bool = False, scale_clip: float = 0.2, **kwargs) -> None:
+                 learn_scale: bool = False, scale_clip: float = 0.2, squared_hinge: bool = False, **kwargs) -> None:
         check_bool("mirror", mirror)
+        check_bool("squared_hinge", squared_hinge)
         check_bool("learn_scale", learn_scale)
         check_real("scale_clip", scale_clip, low=0, low_open=True, high=1, high_open=True)
         if learn_scale and not (isinstance(cost, EuclideanCost) and cost.p == 2.0):
@@ -118,6 +124,7 @@ class GaussianOTLoss(GaussianTransportMixin, OTTrustRegionLoss, policy="gaussian
                              "batch's own: A_b and 0)")
         super().__init__(actor_network, critic_network, cost=cost, epsilon=epsilon, **kwargs)
         self.mirror, self.learn_scale, self.scale_clip = mirror, learn_scale, float(scale_clip)
+        self.squared_hinge = squared_hinge
         if learn_scale and len(self._dist_keys) != 2:
             raise ValueError(f"learn_scale=True needs an actor whose distribution takes (loc, scale), got "
                              f"{self._dist_keys}")
@@ -152,6 +159,8 @@ class GaussianOTLoss(GaussianTransportMixin, OTTrustRegionLoss, policy="gaussian
                             what=f"{list(action.shape)}, that of the actions (one mirror image per action)")
             term = torch.maximum(term, -adv - lam * self.cost(mean, image))
         objective = term.clamp_min(0)
+        if self.squared_hinge:  # the same maximiser per state; each sample's pull weighed by its margin
+            objective = objective.pow(2)
         if self.learn_scale:
             objective = objective + self._spread_surrogate(flat, dist, adv)
         return objective, term > 0, None

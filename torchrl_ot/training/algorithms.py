@@ -219,6 +219,7 @@ class OTTrustRegion(Algorithm):
             # auto: the mirror for Gaussian policies; an explicit true the loss refuses for other policies, naming both
             mirror=self.policy == "gaussian" if algo.get("mirror", "auto") == "auto" else algo.mirror,
             learn_scale=bool(algo.get("learn_scale", False)), scale_clip=algo.get("scale_clip", 0.2),
+            squared_hinge=algo.get("squared_hinge", False),
             entropy_coeff=algo.entropy_coeff or None,
             critic_coeff=algo.critic_coeff, loss_critic_type=algo.loss_critic_type, functional=self.functional,
             # before_epochs normalises (algo.normalize_advantage) and solves itself, once per batch
