@@ -99,8 +99,8 @@ class CompiledLoss:
                 self._source = data.data
                 self._keys = tuple(data.data.keys(include_nested=True, leaves_only=True))
                 self._leaves = tuple(data.data.get(key) for key in self._keys)
-            index = data.next_index()
-            outputs = self._graph(self._keys, index, *self._leaves)
+            index = data.next_index()  # drawn on the CPU (TorchRL's sampler's draws), used where the batch lives
+            outputs = self._graph(self._keys, index.to(self._leaves[0].device), *self._leaves)
             minibatch = lambda: data.data[index]  # noqa: E731 (the eager rerun's input, built only then)
         else:
             keys = tuple(data.keys(include_nested=True, leaves_only=True))
