@@ -30,6 +30,7 @@ its collection time, the recipe's in its update ("advantage").
     .venv/bin/python benchmarks/vs_sb3.py --envs CartPole-v1 --frames 40960 --reps 5 --core 0
     .venv/bin/python benchmarks/vs_sb3.py --out benchmarks/results/vs_sb3     # keeps runs.csv and table.md
     .venv/bin/python benchmarks/vs_sb3.py --compile --frames 204800           # + compile=true (5 runs per rep)
+    .venv/bin/python benchmarks/vs_sb3.py --algos sb3_ppo ppo_compiled ot_trpo_compiled   # only these runs
 
 Not a test: it asserts nothing (tests/test_vs_sb3.py runs a smoke version).
 """
@@ -261,6 +262,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write runs.csv and table.md here")
     parser.add_argument("--compile", action="store_true",
                         help="also the recipe's PPO and OT-TRPO with compile=true (its compiling time counted)")
+    parser.add_argument("--algos", nargs="+", choices=ALGOS + COMPILED, default=None,
+                        help="only these runs (default: all of them; the ratios between the ones kept)")
     parser.add_argument("--worker", choices=["sb3"], help=argparse.SUPPRESS)  # one SB3 run (run_sb3)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--settings", type=json.loads, help=argparse.SUPPRESS)
@@ -283,8 +286,11 @@ def main() -> None:
         raise SystemExit(f"the recipe's update phases are {RECIPE_PHASES}, this script knows {PHASES}")
     import stable_baselines3
 
-    algos = ALGOS + COMPILED if args.compile else ALGOS
-    ratios = RATIOS + COMPILED_RATIOS if args.compile else RATIOS
+    algos = ALGOS + COMPILED if args.compile or (args.algos and set(args.algos) & set(COMPILED)) else ALGOS
+    ratios = RATIOS + COMPILED_RATIOS if algos != ALGOS else RATIOS
+    if args.algos:  # in the usual order, and the ratios between them
+        algos = tuple(a for a in algos if a in args.algos)
+        ratios = tuple((a, b) for a, b in ratios if a in algos and b in algos)
     settings = {env: recipe_settings(env) for env in args.envs}
     # Both sides run whole batches: the recipe rounds its budget up to one, SB3's learn() loop too.
     frames = {env: math.ceil(args.frames / s["frames_per_batch"]) * s["frames_per_batch"]

@@ -51,13 +51,13 @@ from tqdm import tqdm
 
 from torchrl_ot.tabular import episode_limit
 from torchrl_ot.training import (
+    MinibatchStep,
     RayStatistics,
     ValueTargetScaling,
     check_config,
     check_device,
     check_run_dir,
     clip_gradients,
-    compiled_loss,
     epochs_and_minibatches,
     evaluate,
     load_checkpoint,
@@ -120,8 +120,9 @@ def main(cfg: DictConfig) -> dict:
         [p for p in params if id(p) in actor_ids], [p for p in params if id(p) not in actor_ids]]
     if not all(clip_groups):  # the functional losses hold copies of the networks' parameters
         raise ValueError("grad_clip=per_network needs the actor's own parameters in the loss (loss_functional=false)")
-    # The minibatch steps' loss: compiled (compile=true), it draws the next minibatch inside its graph.
-    step_loss = compiled_loss(loss_module) if cfg.compile else (lambda rb: loss_module(rb.sample()))
+    # The minibatch step's objective and diagnostics; compiled (compile=true), the next minibatch is drawn,
+    # the loss summed and the diagnostics stacked inside its graph.
+    step = MinibatchStep(loss_module, objective=algorithm.minibatch_loss, means=STEP_MEANS, compile=cfg.compile)
     optim = make_optimizer(params, cfg)
     obs_stats = new_obs_stats(obs_dim) if cfg.obs_norm.enabled else None
     return_stats = new_return_stats() if cfg.reward_scaling.enabled else None
@@ -220,26 +221,22 @@ def main(cfg: DictConfig) -> dict:
 
             phase_start["epochs"] = time.perf_counter()
             rb = minibatches(batch, mb_size)
-            sums: dict[str, torch.Tensor] = {}
+            means_sum, grad_norm_sum = 0.0, 0.0  # the step's diagnostics, one vector (step.keys) and the norm
             for epoch in range(num_epochs):
                 if epoch and cfg.recompute_advantage:  # with the critic trained so far (TorchRL's ppo_mujoco.py)
                     estimate_advantages(batch)
                     rb.refresh(batch)
                 for _ in range(num_minibatches):
-                    out = step_loss(rb)
-                    loss = algorithm.minibatch_loss(out)  # ALGO LOGIC: TRPO trains only the critic here
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"non-finite loss {loss.item()} at {frames} frames")
+                    # ALGO LOGIC in algorithm.minibatch_loss: TRPO trains only the critic here. Non-finite: raises.
+                    loss, means = step(rb)
                     optim.zero_grad()
                     loss.backward()
-                    grad_norm = clip_gradients(clip_groups, cfg.max_grad_norm)
+                    grad_norm_sum = grad_norm_sum + clip_gradients(clip_groups, cfg.max_grad_norm)
                     optim.step()
-                    for k in STEP_MEANS:
-                        if (value := out.get(k, None)) is not None:
-                            sums[k] = sums.get(k, 0.0) + value.detach()
-                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
+                    means_sum = means_sum + means
             n_steps = num_epochs * num_minibatches
-            row.update({k: float(v) / n_steps for k, v in sums.items()})
+            row.update({k: float(v) / n_steps for k, v in zip(step.keys, means_sum.tolist(), strict=True)})
+            row["grad_norm"] = float(grad_norm_sum) / n_steps
             row["lr"] = optim.param_groups[0]["lr"]
             phase_start["project"] = time.perf_counter()
             algorithm.after_epochs(batch, row)  # ALGO LOGIC: OT's projection into the radius, the std schedule

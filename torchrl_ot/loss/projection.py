@@ -74,9 +74,22 @@ class TrustRegionProjection:
         :meth:`solve_multiplier` recorded pi_old in. Exact for a categorical policy, an upper bound for a Gaussian
         one (a value <= epsilon then still proves the update inside). Returns a float64 scalar.
         """
-        self._check_behaviour(tensordict, "realised_transport")
-        old, new = self._behaviour_and_current(tensordict.reshape(-1), "realised_transport")
-        return self._transport(old, new).mean()
+        return self._evaluate(tensordict, "realised_transport", surrogate=False)[0]
+
+    @torch.no_grad()
+    def _evaluate(self, tensordict: TensorDictBase, name: str, *, surrogate: bool) -> tuple[Tensor, Tensor | None]:
+        """:meth:`realised_transport` and, when ``surrogate``, :meth:`surrogate` of the current network from one
+        forward pass over the batch (the step-length searches need both at every trial length)."""
+        self._check_behaviour(tensordict, name)
+        flat = tensordict.reshape(-1)
+        old, new = self._behaviour_and_current(flat, name)
+        moved = self._transport(old, new).mean()
+        if not surrogate:
+            return moved, None
+        logp = log_prob_per_sample(new, self._checked_action(flat, new, name), flat.numel())
+        self._check_log_prob(flat, f"{type(self).__name__}.{name}")
+        ratio = torch.exp(logp - self._old_log_prob(flat, old))
+        return moved, (ratio * self._advantage(flat).detach()).double().mean()
 
     @torch.no_grad()
     def project_into_trust_region(self, tensordict: TensorDictBase, theta_old: Tensor, *,
@@ -123,19 +136,21 @@ class TrustRegionProjection:
             if not bool(torch.isfinite(theta).all()):  # neither end of the step may bring a NaN in
                 raise ValueError(f"{name} contain NaN or inf; refusing to project a NaN update")
         step = theta_new - theta_old
+        extend = max_extension > 1 and bool(step.any())  # a zero step has no length to extend
         for i in range(max_backtracks + 1):
             fraction = backtrack_coeff**i
             if i:
                 set_flat_params(params, theta_old + fraction * step)
-            moved = self.realised_transport(tensordict)
+            # The fitted step's surrogate too when it may be lengthened (the extension compares against it).
+            moved, value = self._evaluate(tensordict, "realised_transport", surrogate=extend and i == 0)
             if bool(moved <= self.epsilon):
                 break
         else:
             set_flat_params(params, theta_old)
             moved, fraction, i = self.realised_transport(tensordict), 0.0, max_backtracks + 1
         refused = fraction / backtrack_coeff if i else max_extension  # the first length refused (or the cap)
-        if i == 0 and max_extension > 1 and bool(step.any()):  # a zero step has no length to extend
-            moved, fraction, refused = self._extend(tensordict, params, theta_old, theta_new, moved,
+        if i == 0 and extend:
+            moved, fraction, refused = self._extend(tensordict, params, theta_old, theta_new, moved, value,
                                                     backtrack_coeff, max_extension)
         if boundary_trial and fraction > 0 and bool(step.any()):
             moved, fraction = self._boundary_trial(tensordict, params, theta_old, step, moved, fraction, refused)
@@ -247,14 +262,7 @@ class TrustRegionProjection:
         (its stored log-probabilities, else the parameters ``solve_multiplier`` recorded). It estimates the
         expected advantage of pi_theta from the batch's own samples, so it compares networks whatever the
         setting; the step-5 objectives of the settings are Lagrangians at a fixed lam* and do not."""
-        self._check_behaviour(tensordict, "surrogate")
-        flat = tensordict.reshape(-1)
-        n = flat.numel()
-        old, new = self._behaviour_and_current(flat, "surrogate")
-        logp = log_prob_per_sample(new, self._checked_action(flat, new, "surrogate"), n)
-        self._check_log_prob(flat, f"{type(self).__name__}.surrogate")
-        ratio = torch.exp(logp - self._old_log_prob(flat, old))
-        return (ratio * self._advantage(flat).detach()).double().mean()
+        return self._evaluate(tensordict, "surrogate", surrogate=True)[1]
 
     def _checked_action(self, flat: TensorDictBase, dist, name: str) -> Tensor:
         """The taken actions, refused by key unless shaped like a draw of ``dist``: ``log_prob`` would broadcast
@@ -275,20 +283,18 @@ class TrustRegionProjection:
             check_per_sample(name, stored, flat.batch_size)
 
     def _extend(self, tensordict: TensorDictBase, params, theta_old: Tensor, theta_new: Tensor, moved: Tensor,
-                coeff: float, max_extension: float) -> tuple[Tensor, float, float]:
-        """Lengthen an admissible step by factors ``1 / coeff`` while it stays inside the radius and the batch's
-        objective does not fall (see :meth:`project_into_trust_region`); returns the kept step's transport and
-        length and the first length refused (``max_extension`` if none was), the parameters left at the kept
-        step."""
+                best: Tensor, coeff: float, max_extension: float) -> tuple[Tensor, float, float]:
+        """Lengthen an admissible step (transport ``moved``, surrogate ``best``) by factors ``1 / coeff`` while it
+        stays inside the radius and the batch's objective does not fall (see :meth:`project_into_trust_region`);
+        returns the kept step's transport and length and the first length refused (``max_extension`` if none
+        was), the parameters left at the kept step."""
         step = theta_new - theta_old
-        best = self.surrogate(tensordict)
         fraction, scale = 1.0, 1.0 / coeff
         refused = max_extension
         while fraction * scale <= max_extension * (1 + 1e-12):
             set_flat_params(params, theta_old + fraction * scale * step)
-            trial = self.realised_transport(tensordict)
-            value = self.surrogate(tensordict) if bool(trial <= self.epsilon) else None
-            if value is None or not bool(value >= best):
+            trial, value = self._evaluate(tensordict, "realised_transport", surrogate=True)
+            if not (bool(trial <= self.epsilon) and bool(value >= best)):
                 refused = fraction * scale
                 break
             fraction, moved, best = fraction * scale, trial, value

@@ -76,6 +76,7 @@ from torchrl_ot.training.reward_scaling import (
     new_return_stats,
     update_running_moments,
 )
+from torchrl_ot.training.step import MinibatchStep
 from torchrl_ot.training.summary import PHASES, make_logger, make_summary, plot_curve
 
 __all__ = [
@@ -84,6 +85,7 @@ __all__ = [
     "COMPILABLE_ALGOS",
     "CompiledLoss",
     "compiled_loss",
+    "MinibatchStep",
     "COLLECTOR_BACKENDS",
     "RayStatistics",
     "check_collector_config",

@@ -17,6 +17,8 @@ reaches the parameters either way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.utils import NestedKey
@@ -76,10 +78,13 @@ class CompiledLoss:
     torch.Size([])
     """
 
-    def __init__(self, loss_module: LossModule) -> None:
+    def __init__(self, loss_module: LossModule, *,
+                 reduce: Callable[[TensorDictBase], dict[str, torch.Tensor]] | None = None) -> None:
         if not isinstance(loss_module, LossModule):
             raise TypeError(f"loss_module must be a torchrl LossModule, got {type(loss_module).__name__}")
-        self.loss_module = loss_module
+        if reduce is not None and not callable(reduce):
+            raise TypeError(f"reduce must be None or a callable of the loss's output, got {type(reduce).__name__}")
+        self.loss_module, self.reduce = loss_module, reduce
         self._graph = torch.compile(self._forward, dynamic=False)
         self._source: TensorDictBase | None = None  # the Minibatches data whose leaves are cached
         self._keys: tuple[NestedKey, ...] = ()
@@ -91,9 +96,21 @@ class CompiledLoss:
         td = TensorDict({}, batch_size=[size])
         for key, leaf in zip(keys, leaves, strict=True):
             td.set(key, leaf if index is None else leaf[index])
-        return dict(self.loss_module(td).items())
+        out = self.loss_module(td)
+        outputs = dict(out.items())
+        # The finiteness of every loss term, folded with the OT loss's own flag, in the graph: one flag to read.
+        losses = [v.detach().reshape(-1) for k, v in outputs.items() if k.startswith("loss_")]
+        finite = torch.isfinite(torch.cat(losses)).all() if losses else torch.ones((), dtype=torch.bool)
+        if FINITE_KEY in outputs:
+            finite = finite & outputs[FINITE_KEY]
+        outputs[FINITE_KEY] = finite
+        if self.reduce is not None:
+            outputs.update(self.reduce(out))
+        return outputs
 
-    def __call__(self, data: TensorDictBase | Minibatches) -> TensorDictBase:
+    def outputs(self, data: TensorDictBase | Minibatches) -> dict[str, torch.Tensor]:
+        """:meth:`__call__`'s outputs as a plain dict (what a training loop reads without building a
+        TensorDict), with ``reduce``'s entries when given."""
         if isinstance(data, Minibatches):
             if self._source is not data.data:  # a new batch, or its advantages recomputed (refresh)
                 self._source = data.data
@@ -106,14 +123,14 @@ class CompiledLoss:
             keys = tuple(data.keys(include_nested=True, leaves_only=True))
             outputs = self._graph(keys, None, *(data.get(key) for key in keys))
             minibatch = lambda: data  # noqa: E731
-        finite = outputs.pop(FINITE_KEY, None)
-        losses = [v.detach().reshape(-1) for k, v in outputs.items() if k.startswith("loss_")]
-        ok = bool(torch.isfinite(torch.cat(losses)).all()) if losses else True
-        if not (ok and (finite is None or bool(finite))):
+        if not bool(outputs.pop(FINITE_KEY)):
             self.loss_module(minibatch())  # eager: the loss's checks raise naming the entry
             raise FloatingPointError(f"the compiled {type(self.loss_module).__name__} step gave a non-finite output "
                                      "where the eager one did not: run with compile=false")
-        return TensorDict(outputs, batch_size=[])
+        return outputs
+
+    def __call__(self, data: TensorDictBase | Minibatches) -> TensorDictBase:
+        return TensorDict(self.outputs(data), batch_size=[])
 
 
 def compiled_loss(loss_module: LossModule) -> CompiledLoss:

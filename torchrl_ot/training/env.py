@@ -27,7 +27,11 @@ from torchrl.envs import (
     set_exploration_type,
 )
 
-from torchrl_ot.envs import OneHotObservation, check_env_kwargs  # importing torchrl_ot.envs registers NChain-v0
+from torchrl_ot.envs import (  # importing torchrl_ot.envs registers NChain-v0
+    OneHotObservation,
+    WithoutInfo,
+    check_env_kwargs,
+)
 from torchrl_ot.tabular import episode_limit, make_vec_env
 from torchrl_ot.training.obs_norm import RunningObsNorm
 from torchrl_ot.training.reward_scaling import ReturnScaling
@@ -70,7 +74,9 @@ def make_env(name: str, seed: int, obs_stats: TensorDict | None, cfg: DictConfig
                                                                                   DictConfig) else kw)
 
     def make_vec(tabular: bool) -> gym.vector.VectorEnv:
-        return make_vec_env(name, env_kwargs, num_envs=num_envs, wrappers=[OneHotObservation] if tabular else None,
+        # No info dicts: their per-step merge costs the vector env time and nothing here reads them.
+        wrappers = [OneHotObservation, WithoutInfo] if tabular else [WithoutInfo]
+        return make_vec_env(name, env_kwargs, num_envs=num_envs, wrappers=wrappers,
                             max_episode_steps=episode_limit(name) if tabular else None)
 
     try:

@@ -41,8 +41,20 @@ def clip_gradients(groups: Sequence[Sequence[torch.nn.Parameter]], max_norm: flo
     >>> round(float(clip_gradients([[a], [b]], 1.0)), 4), round(float(a.grad), 4), round(float(b.grad), 4)
     (40.1123, 1.0, 1.0)
     """
-    norms = [torch.nn.utils.clip_grad_norm_(group, max_norm) for group in groups]
+    norms = [_clip_group(group, max_norm) for group in groups]
     return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+
+
+@torch.no_grad()
+def _clip_group(group: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_(group, max_norm)``'s arithmetic, op for op (the same numbers), without its per-call
+    grouping of the tensors by device and dtype: a tenth of a small network's minibatch step on a CPU."""
+    grads = [p.grad for p in group if p.grad is not None]
+    if not grads or len({(g.device, g.dtype) for g in grads}) > 1 or grads[0].device.type not in ("cpu", "cuda"):
+        return torch.nn.utils.clip_grad_norm_(group, max_norm)
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+    torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    return total
 
 
 def scheduled_lr(cfg: DictConfig, updates_done: int, total_batches: int) -> float:
