@@ -47,6 +47,11 @@ class TrustRegionProjection:
         """pi_old from the recorded parameters and pi_theta, refused by key when the recorded parameters are not
         floating, finite (once per batch: this syncs) or shaped for the current policy (the transport bound and the
         ratios would broadcast them against it)."""
+        old = self._behaviour(flat, name)
+        return old, self._current_checked(flat, old, name)
+
+    def _behaviour(self, flat: TensorDictBase, name: str):
+        """pi_old from the recorded parameters, refused by key unless floating and finite."""
         owner = f"{type(self).__name__}.{name}"
         params = {key: flat.get(key) for key in self._dist_keys}
         checks = []
@@ -55,13 +60,16 @@ class TrustRegionProjection:
             checks += finite_checks(x, entry_name(key, owner))
         check_same_device(**{repr(k): x for k, x in params.items()})
         raise_first_failed(checks)
-        old = self.actor_network.build_dist_from_params(flat.select(*self._dist_keys))
+        return self.actor_network.build_dist_from_params(flat.select(*self._dist_keys))
+
+    def _current_checked(self, flat: TensorDictBase, old, name: str):
+        """pi_theta at the batch's states, refused unless its draws are shaped as ``old``'s."""
         new = self._current_dist(flat)
         if draw_shape(old) != draw_shape(new):
-            raise ValueError(f"pi_old's parameters {self._dist_keys} (input of {owner}) give draws of shape "
-                             f"{list(draw_shape(old))}, the current policy {list(draw_shape(new))}: they must be "
-                             "the ones solve_multiplier recorded for this actor")
-        return old, new
+            raise ValueError(f"pi_old's parameters {self._dist_keys} (input of {type(self).__name__}.{name}) give "
+                             f"draws of shape {list(draw_shape(old))}, the current policy {list(draw_shape(new))}: "
+                             "they must be the ones solve_multiplier recorded for this actor")
+        return new
 
     @torch.no_grad()
     def realised_transport(self, tensordict: TensorDictBase) -> Tensor:
@@ -74,21 +82,29 @@ class TrustRegionProjection:
         :meth:`solve_multiplier` recorded pi_old in. Exact for a categorical policy, an upper bound for a Gaussian
         one (a value <= epsilon then still proves the update inside). Returns a float64 scalar.
         """
-        return self._evaluate(tensordict, "realised_transport", surrogate=False)[0]
+        return self._evaluate(self._search_batch(tensordict, "realised_transport"), surrogate=False)[0]
 
-    @torch.no_grad()
-    def _evaluate(self, tensordict: TensorDictBase, name: str, *, surrogate: bool) -> tuple[Tensor, Tensor | None]:
-        """:meth:`realised_transport` and, when ``surrogate``, :meth:`surrogate` of the current network from one
-        forward pass over the batch (the step-length searches need both at every trial length)."""
+    def _search_batch(self, tensordict: TensorDictBase, name: str) -> dict:
+        """What a step-length search evaluates every trial against, checked once: the flat batch, pi_old and (built
+        on first use by :meth:`_evaluate`) the behaviour's log-probabilities of the taken actions."""
         self._check_behaviour(tensordict, name)
         flat = tensordict.reshape(-1)
-        old, new = self._behaviour_and_current(flat, name)
+        return {"flat": flat, "old": self._behaviour(flat, name), "name": name}
+
+    @torch.no_grad()
+    def _evaluate(self, batch: dict, *, surrogate: bool) -> tuple[Tensor, Tensor | None]:
+        """:meth:`realised_transport` and, when ``surrogate``, :meth:`surrogate` of the current network from one
+        forward pass over ``batch`` (:meth:`_search_batch`; the step-length searches need both at every length)."""
+        flat, old, name = batch["flat"], batch["old"], batch["name"]
+        new = self._current_checked(flat, old, name)
         moved = self._transport(old, new).mean()
         if not surrogate:
             return moved, None
         logp = log_prob_per_sample(new, self._checked_action(flat, new, name), flat.numel())
-        self._check_log_prob(flat, f"{type(self).__name__}.{name}")
-        ratio = torch.exp(logp - self._old_log_prob(flat, old))
+        if "old_log_prob" not in batch:
+            self._check_log_prob(flat, f"{type(self).__name__}.{name}")
+            batch["old_log_prob"] = self._old_log_prob(flat, old)
+        ratio = torch.exp(logp - batch["old_log_prob"])
         return moved, (ratio * self._advantage(flat).detach()).double().mean()
 
     @torch.no_grad()
@@ -137,12 +153,13 @@ class TrustRegionProjection:
                 raise ValueError(f"{name} contain NaN or inf; refusing to project a NaN update")
         step = theta_new - theta_old
         extend = max_extension > 1 and bool(step.any())  # a zero step has no length to extend
+        batch = self._search_batch(tensordict, "realised_transport")  # checked once for every trial below
         for i in range(max_backtracks + 1):
             fraction = backtrack_coeff**i
             if i:
                 set_flat_params(params, theta_old + fraction * step)
             # The fitted step's surrogate too when it may be lengthened (the extension compares against it).
-            moved, value = self._evaluate(tensordict, "realised_transport", surrogate=extend and i == 0)
+            moved, value = self._evaluate(batch, surrogate=extend and i == 0)
             if bool(moved <= self.epsilon):
                 break
         else:
@@ -150,7 +167,7 @@ class TrustRegionProjection:
             moved, fraction, i = self.realised_transport(tensordict), 0.0, max_backtracks + 1
         refused = fraction / backtrack_coeff if i else max_extension  # the first length refused (or the cap)
         if i == 0 and extend:
-            moved, fraction, refused = self._extend(tensordict, params, theta_old, theta_new, moved, value,
+            moved, fraction, refused = self._extend(batch, params, theta_old, theta_new, moved, value,
                                                     backtrack_coeff, max_extension)
         if boundary_trial and fraction > 0 and bool(step.any()):
             moved, fraction = self._boundary_trial(tensordict, params, theta_old, step, moved, fraction, refused)
@@ -262,7 +279,7 @@ class TrustRegionProjection:
         (its stored log-probabilities, else the parameters ``solve_multiplier`` recorded). It estimates the
         expected advantage of pi_theta from the batch's own samples, so it compares networks whatever the
         setting; the step-5 objectives of the settings are Lagrangians at a fixed lam* and do not."""
-        return self._evaluate(tensordict, "surrogate", surrogate=True)[1]
+        return self._evaluate(self._search_batch(tensordict, "surrogate"), surrogate=True)[1]
 
     def _checked_action(self, flat: TensorDictBase, dist, name: str) -> Tensor:
         """The taken actions, refused by key unless shaped like a draw of ``dist``: ``log_prob`` would broadcast
@@ -282,7 +299,7 @@ class TrustRegionProjection:
             check_tensor(name, stored, floating=True)
             check_per_sample(name, stored, flat.batch_size)
 
-    def _extend(self, tensordict: TensorDictBase, params, theta_old: Tensor, theta_new: Tensor, moved: Tensor,
+    def _extend(self, batch: dict, params, theta_old: Tensor, theta_new: Tensor, moved: Tensor,
                 best: Tensor, coeff: float, max_extension: float) -> tuple[Tensor, float, float]:
         """Lengthen an admissible step (transport ``moved``, surrogate ``best``) by factors ``1 / coeff`` while it
         stays inside the radius and the batch's objective does not fall (see :meth:`project_into_trust_region`);
@@ -293,7 +310,7 @@ class TrustRegionProjection:
         refused = max_extension
         while fraction * scale <= max_extension * (1 + 1e-12):
             set_flat_params(params, theta_old + fraction * scale * step)
-            trial, value = self._evaluate(tensordict, "realised_transport", surrogate=True)
+            trial, value = self._evaluate(batch, surrogate=True)
             if not (bool(trial <= self.epsilon) and bool(value >= best)):
                 refused = fraction * scale
                 break
