@@ -48,7 +48,7 @@ def clip_gradients(groups: Sequence[Sequence[torch.nn.Parameter]], max_norm: flo
 @torch.no_grad()
 def _clip_group(group: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """``clip_grad_norm_(group, max_norm)``'s arithmetic, op for op (the same numbers), without its per-call
-    grouping of the tensors by device and dtype: a tenth of a small network's minibatch step on a CPU."""
+    grouping of the tensors by device and dtype, Python work repeated on every minibatch step."""
     grads = [p.grad for p in group if p.grad is not None]
     if not grads or len({(g.device, g.dtype) for g in grads}) > 1 or grads[0].device.type not in ("cpu", "cuda"):
         return torch.nn.utils.clip_grad_norm_(group, max_norm)
