@@ -31,6 +31,7 @@ its collection time, the recipe's in its update ("advantage").
     .venv/bin/python benchmarks/vs_sb3.py --out benchmarks/results/vs_sb3     # keeps runs.csv and table.md
     .venv/bin/python benchmarks/vs_sb3.py --compile --frames 204800           # + compile=true (5 runs per rep)
     .venv/bin/python benchmarks/vs_sb3.py --algos sb3_ppo ppo_compiled ot_trpo_compiled   # only these runs
+    .venv/bin/python benchmarks/vs_sb3.py --compile --warmup    # a one-batch compiled run first (fills the cache)
 
 Not a test: it asserts nothing (tests/test_vs_sb3.py runs a smoke version).
 """
@@ -264,6 +265,9 @@ def main() -> None:
                         help="also the recipe's PPO and OT-TRPO with compile=true (its compiling time counted)")
     parser.add_argument("--algos", nargs="+", choices=ALGOS + COMPILED, default=None,
                         help="only these runs (default: all of them; the ratios between the ones kept)")
+    parser.add_argument("--warmup", action="store_true",
+                        help="first one untimed one-batch run of each compiled algorithm per env: it fills inductor's "
+                             "on-disk cache, which a fresh checkout lacks (every timed run still compiles, warm)")
     parser.add_argument("--worker", choices=["sb3"], help=argparse.SUPPRESS)  # one SB3 run (run_sb3)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--settings", type=json.loads, help=argparse.SUPPRESS)
@@ -303,6 +307,10 @@ def main() -> None:
 
     rows = []
     for env in args.envs:
+        if args.warmup:  # discarded: only the on-disk compile cache carries over into the timed runs
+            for algo in (a for a in algos if a in COMPILED):
+                run_recipe(env, algo, settings[env]["frames_per_batch"], 0, settings[env], args.core)
+                print(f"{env}: warm-up run of {LABELS[algo]} done (not timed)", flush=True)
         for rep in range(args.reps):
             for position, algo in enumerate(rotation(rep, algos)):
                 if algo == "sb3_ppo":
