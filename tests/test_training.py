@@ -121,6 +121,24 @@ def test_ot_scale_schedule_sets_the_next_std_and_epsilon_with_its_square():
     assert algorithm.loss_module.epsilon == pytest.approx(0.3 * 0.6**2, rel=1e-5)
 
 
+def test_ot_scale_schedule_reaches_final_scale_at_scale_anneal_frames_then_stays():
+    algorithm, batch = _built("env=Pendulum-v1", "algo=ot_trpo", "total_frames=1000", "algo.init_scale=1.0",
+                              "algo.final_scale=0.2", "algo.epsilon=0.3", "algo.scale_anneal_frames=400")
+    assert algorithm.scheduled_scale(200) == pytest.approx(0.6)  # halfway to 400 frames, not to 1000
+    assert algorithm.scheduled_scale(400) == pytest.approx(0.2) and algorithm.scheduled_scale(900) == pytest.approx(0.2)
+    row = {"frames": 100}
+    algorithm.before_epochs(batch, row)
+    algorithm.after_epochs(batch, row)
+    assert algorithm.log_scale.exp().detach() == pytest.approx(torch.full_like(algorithm.log_scale, 0.8))
+
+
+@pytest.mark.parametrize("value", [0, -5, 2.5, True])
+def test_ot_scale_anneal_frames_refuses_a_non_positive_or_non_integer_horizon(value):
+    with pytest.raises(ValueError, match="algo.scale_anneal_frames"):
+        check_config(_cfg("env=Pendulum-v1", "algo=ot_trpo", "algo.final_scale=0.2",
+                          f"algo.scale_anneal_frames={value}"))
+
+
 def test_trpo_steps_the_actor_before_the_epochs_which_then_train_the_critic_only():
     algorithm, batch = _built("env=CartPole-v1", "algo=trpo")
     before = _actor_vector(algorithm)

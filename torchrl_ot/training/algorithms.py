@@ -184,6 +184,10 @@ class OTTrustRegion(Algorithm):
             raise ValueError(f"algo.epsilon must be positive and finite, got {cfg.algo.epsilon}")
         if cfg.algo.advantage_head not in ("in_critic", "separate"):
             raise ValueError(f"algo.advantage_head must be 'in_critic' or 'separate', got {cfg.algo.advantage_head!r}")
+        horizon = cfg.algo.get("scale_anneal_frames")
+        if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon <= 0):
+            raise ValueError(f"algo.scale_anneal_frames must be null (the std reaches algo.final_scale at "
+                             f"total_frames) or a positive integer number of frames, got {horizon!r}")
         for key in ("enforce_radius", "boundary_trial"):
             if not isinstance(cfg.algo.get(key, False), bool):
                 raise ValueError(f"algo.{key} must be true or false, got {cfg.algo.get(key)!r}")
@@ -226,8 +230,11 @@ class OTTrustRegion(Algorithm):
             normalize_advantage=False, solve_on_estimate=False)
 
     def scheduled_scale(self, frames_done: int) -> float:
-        """The Gaussian's std after ``frames_done`` frames (``algo.final_scale`` set)."""
-        frac = min(frames_done / self.cfg.total_frames, 1.0)
+        """The Gaussian's std after ``frames_done`` frames (``algo.final_scale`` set): linear from
+        ``algo.init_scale`` to ``algo.final_scale`` at ``algo.scale_anneal_frames`` (null: ``total_frames``),
+        then constant."""
+        horizon = self.cfg.algo.get("scale_anneal_frames") or self.cfg.total_frames
+        frac = min(frames_done / horizon, 1.0)
         return self.cfg.algo.init_scale + frac * (self.cfg.algo.final_scale - self.cfg.algo.init_scale)
 
     def before_epochs(self, batch: TensorDictBase, row: dict[str, float]) -> None:
