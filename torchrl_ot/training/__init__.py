@@ -11,6 +11,8 @@ matplotlib); import it explicitly::
 - ``algorithms``: one :class:`Algorithm` per ``algo``, its loss and what it does before and after
   the minibatch epochs (:func:`make_algorithm`);
 - ``obs_norm``: the running observation normalisation (VecNormV2's maths on plain tensors);
+- ``vec_env``: the training env with the normalisation, clip, episode return and step count in its own step
+  (``env_engine=fused``, the default; the same values as TorchRL's transforms);
 - ``reward_scaling``: rewards scaled by the discounted return's running std (SB3's VecNormalize), or the
   critic's targets by the lambda-returns' (Tianshou's rew_norm);
 - ``collection``: the collector (this process, local workers or Ray actors) and the Ray workers' statistics;
@@ -66,9 +68,17 @@ from torchrl_ot.training.config import (
     prepare_process,
     record_missing_pandas,
 )
-from torchrl_ot.training.env import EVAL_SEED_OFFSET, check_env_name, evaluate, make_env, new_obs_stats
+from torchrl_ot.training.env import (
+    ENV_ENGINES,
+    EVAL_SEED_OFFSET,
+    check_env_name,
+    evaluate,
+    make_env,
+    new_obs_stats,
+    resolve_env_engine,
+)
 from torchrl_ot.training.networks import ObsActionMLP, ValueAndAdvantage, make_networks, mlp, resolve_policy
-from torchrl_ot.training.obs_norm import RunningObsNorm
+from torchrl_ot.training.obs_norm import RunningObsNorm, running_normalise
 from torchrl_ot.training.optim import GRAD_CLIPS, OPTIMIZERS, clip_gradients, make_optimizer, scheduled_lr
 from torchrl_ot.training.reward_scaling import (
     ReturnScaling,
@@ -78,6 +88,7 @@ from torchrl_ot.training.reward_scaling import (
 )
 from torchrl_ot.training.step import MinibatchStep
 from torchrl_ot.training.summary import PHASES, make_logger, make_summary, plot_curve
+from torchrl_ot.training.vec_env import FusedVecEnv
 
 __all__ = [
     "A2C",
@@ -95,7 +106,9 @@ __all__ = [
     "merge_ema_stats",
     "merge_moment_stats",
     "ray_available",
+    "ENV_ENGINES",
     "EVAL_SEED_OFFSET",
+    "FusedVecEnv",
     "PHASES",
     "GRAD_CLIPS",
     "OPTIMIZERS",
@@ -134,7 +147,9 @@ __all__ = [
     "plot_curve",
     "prepare_process",
     "record_missing_pandas",
+    "resolve_env_engine",
     "resolve_policy",
+    "running_normalise",
     "rng_state",
     "save_checkpoint",
     "scheduled_lr",

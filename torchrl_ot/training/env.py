@@ -19,6 +19,7 @@ from torchrl.envs import (
     ClipTransform,
     Compose,
     DoubleToFloat,
+    EnvBase,
     ExplorationType,
     GymWrapper,
     RewardSum,
@@ -35,8 +36,29 @@ from torchrl_ot.envs import (  # importing torchrl_ot.envs registers NChain-v0
 from torchrl_ot.tabular import episode_limit, make_vec_env
 from torchrl_ot.training.obs_norm import RunningObsNorm
 from torchrl_ot.training.reward_scaling import ReturnScaling
+from torchrl_ot.training.vec_env import FusedVecEnv
 
 EVAL_SEED_OFFSET = 10_000
+
+#: ``env_engine``. fused: :class:`~torchrl_ot.training.FusedVecEnv` (the normalisation, clip, episode return and
+#: step count in the env's own step); torchrl: ``TransformedEnv(GymWrapper(vec), Compose(...))`` of TorchRL's
+#: transforms; auto: fused, except on Ray (whose statistics sync reads the transforms).
+ENV_ENGINES = ("auto", "fused", "torchrl")
+
+
+def resolve_env_engine(cfg: DictConfig) -> str:
+    """``fused`` or ``torchrl``: the engine ``cfg.env_engine`` names (``auto``: torchrl with
+    ``collector.backend=ray``, else fused). Both give the same batches, bit for bit."""
+    engine = cfg.get("env_engine", "auto")
+    if engine not in ENV_ENGINES:
+        raise ValueError(f"env_engine must be one of {ENV_ENGINES}, got {engine!r}")
+    on_ray = (cfg.get("collector") or {}).get("backend", "local") == "ray"
+    if engine == "fused" and on_ray:
+        raise ValueError("env_engine=fused does not run on collector.backend=ray (its statistics sync reads "
+                         "TorchRL's transforms): use env_engine=auto or torchrl")
+    if engine == "auto":
+        return "torchrl" if on_ray else "fused"
+    return engine
 
 
 def check_env_name(name: str) -> None:
@@ -55,7 +77,7 @@ def check_env_name(name: str) -> None:
 
 
 def make_env(name: str, seed: int, obs_stats: TensorDict | None, cfg: DictConfig, *, num_envs: int,
-             frozen: bool = False, return_stats: TensorDict | None = None) -> TransformedEnv:
+             frozen: bool = False, return_stats: TensorDict | None = None) -> EnvBase:
     """``num_envs`` synchronous gymnasium copies as one TorchRL env ``[num_envs]``, float32 observations,
     running normalisation, episode return/length; seeded (copy i gets ``seed + i``).
 
@@ -69,6 +91,11 @@ def make_env(name: str, seed: int, obs_stats: TensorDict | None, cfg: DictConfig
     transform updates it in place (``shared_data``), so the run loop checkpoints it and the next fresh
     env continues from it. ``None``: no normalisation. ``frozen``: normalise without updating the
     statistics (evaluation). ``cfg`` gives ``obs_norm.decay``, ``obs_norm.eps`` and ``obs_norm.clip``.
+
+    ``cfg.env_engine`` (:func:`resolve_env_engine`): the normalisation, clip, episode return and step count in one
+    :class:`~torchrl_ot.training.FusedVecEnv` (fused), or as TorchRL's transforms over ``GymWrapper`` (torchrl,
+    where the RunningObsNorm transform holds ``obs_stats``); the same values either way. The reward scaling and
+    the action clip are TorchRL transforms on top in both.
     """
     env_kwargs = check_env_kwargs(name, OmegaConf.to_container(kw) if isinstance(kw := cfg.env.get("kwargs"),
                                                                                   DictConfig) else kw)
@@ -97,15 +124,20 @@ def make_env(name: str, seed: int, obs_stats: TensorDict | None, cfg: DictConfig
     if not (isinstance(act_space, gym.spaces.Discrete) or bounded_box):  # TanhNormal needs finite bounds
         raise ValueError(f"env.name={name!r}: this recipe needs Discrete actions or a bounded flat Box, "
                          f"got {act_space}")
-    base = GymWrapper(vec, categorical_action_encoding=True)
-    transforms = []
-    if base.observation_spec["observation"].dtype == torch.float64:
-        transforms.append(DoubleToFloat(in_keys=["observation"]))
-    if obs_stats is not None:
-        norm = RunningObsNorm(obs_stats, decay=cfg.obs_norm.decay, eps=cfg.obs_norm.eps, frozen=frozen)
-        transforms += [norm,
-                       ClipTransform(in_keys=["observation"], low=-cfg.obs_norm.clip, high=cfg.obs_norm.clip)]
-    transforms += [RewardSum(), StepCounter()]
+    if resolve_env_engine(cfg) == "fused":  # the same env as the stack below, in one step (FusedVecEnv)
+        base = FusedVecEnv(vec, obs_stats=obs_stats, decay=cfg.obs_norm.decay, eps=cfg.obs_norm.eps,
+                          clip=cfg.obs_norm.clip, frozen=frozen)
+        transforms = []
+    else:
+        base = GymWrapper(vec, categorical_action_encoding=True)
+        transforms = []
+        if base.observation_spec["observation"].dtype == torch.float64:
+            transforms.append(DoubleToFloat(in_keys=["observation"]))
+        if obs_stats is not None:
+            norm = RunningObsNorm(obs_stats, decay=cfg.obs_norm.decay, eps=cfg.obs_norm.eps, frozen=frozen)
+            transforms += [norm, ClipTransform(in_keys=["observation"], low=-cfg.obs_norm.clip,
+                                               high=cfg.obs_norm.clip)]
+        transforms += [RewardSum(), StepCounter()]
     if return_stats is not None:
         transforms.append(ReturnScaling(return_stats, gamma=cfg.env.gamma, eps=cfg.reward_scaling.eps,
                                         clip=cfg.reward_scaling.clip))
@@ -115,7 +147,7 @@ def make_env(name: str, seed: int, obs_stats: TensorDict | None, cfg: DictConfig
             raise ValueError(f"action_bound='clip' needs the same bounds on every action dimension; env.name={name!r} "
                              f"has low={act_space.low}, high={act_space.high} (use action_bound=tanh)")
         transforms.append(ClipTransform(in_keys_inv=["action"], low=float(low[0]), high=float(high[0])))
-    env = TransformedEnv(base, Compose(*transforms))
+    env = TransformedEnv(base, Compose(*transforms)) if transforms else base
     env.set_seed(seed)
     return env
 

@@ -6,9 +6,38 @@ import math
 
 from tensordict import TensorDict, TensorDictBase
 from tensordict.utils import NestedKey
+from torch import Tensor
 from torchrl.envs import Transform
 
-__all__ = ["RunningObsNorm"]
+__all__ = ["RunningObsNorm", "running_normalise"]
+
+
+def running_normalise(obs: Tensor, loc: Tensor, var: Tensor, count: Tensor, *, decay: float, eps: float,
+                      update: bool = True, batch_dims: int | None = None) -> Tensor:
+    """:class:`RunningObsNorm`'s arithmetic on tensors: with ``update``, first fold the batch into the running
+    moments ``loc`` / ``var`` and ``count`` (in place), then return ``obs`` normalised. The leading ``batch_dims``
+    dimensions of ``obs`` (default: all but the last) are the batch, averaged into one update of weight ``1 -
+    decay**n`` for ``n`` samples (``n / count`` when ``decay == 1``).
+
+    >>> import torch
+    >>> loc, var, count = torch.zeros(2), torch.zeros(2), torch.zeros((), dtype=torch.int64)
+    >>> running_normalise(torch.tensor([[1.0, 2.0], [3.0, 2.0]]), loc, var, count, decay=0.99, eps=1e-2).round(
+    ...     decimals=4)
+    tensor([[-0.4508,  0.0000],
+            [ 0.4508,  0.0000]])
+    """
+    if update:
+        dims = tuple(range(obs.ndim - 1 if batch_dims is None else batch_dims))
+        n = obs.shape[:len(dims)].numel()
+        count += n
+        second, first = obs.pow(2).mean(dim=dims), obs.mean(dim=dims)
+        weight = 1 - decay**n if decay != 1.0 else n / count
+        loc.lerp_(end=first, weight=weight)
+        var.lerp_(end=second, weight=weight)
+    correction = (1 - (count * math.log(decay)).exp()).to(obs.dtype) if decay < 1.0 else 1
+    centred = var - loc.pow(2)
+    mean, centred = loc / correction, centred / correction
+    return (obs - mean) / centred.sqrt().clamp_min(eps)
 
 
 class RunningObsNorm(Transform):
@@ -72,20 +101,10 @@ class RunningObsNorm(Transform):
         obs = td.get(self.key, None)
         if obs is None:  # e.g. a reset that returns no observation for this key
             return td
-        if not self.frozen:
-            # The copies of a batched env are averaged into one update of weight 1 - decay**n (VecNormV2's
-            # reduce_batch_dims): the statistics do not depend on the order of the copies.
-            n = td.numel()
-            dims = tuple(range(td.ndim))
-            self.count += n
-            second, first = obs.pow(2).mean(dim=dims), obs.mean(dim=dims)
-            weight = 1 - self.decay**n if self.decay != 1.0 else n / self.count
-            self.loc.lerp_(end=first, weight=weight)
-            self.var.lerp_(end=second, weight=weight)
-        correction = (1 - (self.count * math.log(self.decay)).exp()).to(obs.dtype) if self.decay < 1.0 else 1
-        var = self.var - self.loc.pow(2)
-        loc, var = self.loc / correction, var / correction
-        td.set(self.key, (obs - loc) / var.sqrt().clamp_min(self.eps))
+        # The copies of a batched env are averaged into one update (VecNormV2's reduce_batch_dims): the batch
+        # dims are the TensorDict's.
+        td.set(self.key, running_normalise(obs, self.loc, self.var, self.count, decay=self.decay, eps=self.eps,
+                                           update=not self.frozen, batch_dims=td.ndim))
         return td
 
     def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
