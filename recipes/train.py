@@ -190,11 +190,10 @@ def main(cfg: DictConfig) -> dict:
         seg_end = min(total_frames, (frames // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
         seg_batches = math.ceil((seg_end - frames) / fpb)
         segment_seed = cfg.seed + frames  # deterministic in (seed, frames done): see the module docstring
-        env_fns = [functools.partial(make_env, cfg.env.name, segment_seed + 1000 * i, obs_stats, cfg,
-                                     num_envs=cfg.num_envs, return_stats=scaled_rewards)
+        env_fns = [functools.partial(make_env, cfg.env.name, segment_seed + 1000 * i, cfg=cfg, num_envs=cfg.num_envs)
                    for i in range(cfg.num_collectors)]
         collector = make_collector(env_fns, actor, cfg, frames_per_batch=fpb, total_frames=seg_batches * fpb,
-                                   device=device)
+                                   device=device, env_kwargs={"obs_stats": obs_stats, "return_stats": scaled_rewards})
         if on_ray:  # Ray's workers keep copies of the statistics: merged into ours after every batch
             probe = make_env(cfg.env.name, segment_seed, None if obs_stats is None else obs_stats.clone(), cfg,
                              num_envs=1, return_stats=None if scaled_rewards is None else scaled_rewards.clone())

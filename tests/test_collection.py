@@ -152,6 +152,20 @@ def test_recipe_collects_on_a_local_ray_of_two_workers(tmp_path):
     assert int(ckpt["obs_stats"]["count", "observation"]) >= 1024
 
 
+def test_local_worker_processes_update_the_learners_statistics(tmp_path):
+    # The statistics reach the workers by reference (make_collector's env_kwargs): a copy per worker (what an
+    # EnvCreator hands them) would leave the learner's return count at its initial 1e-4.
+    proc = subprocess.run([sys.executable, str(RECIPE), *TINY, "num_collectors=2", "reward_scaling.enabled=true",
+                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = _ckpt(tmp_path)
+    # Both workers update the same tensors without a lock, so an update can be lost to a race (measured: 1,000 of
+    # 1,024 rewards counted); most of both workers' 1,024 steps must arrive, and no more than they made (Pendulum
+    # never ends an episode within 1,024 frames: the steps and one reset of each worker's 4 copies).
+    assert 0.9 * 1024 <= float(ckpt["return_stats"]["count"]) <= 1024 + 1e-4
+    assert 0.9 * 1024 <= int(ckpt["obs_stats"]["count", "observation"]) <= 1024 + 2 * 4
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_recipe_trains_on_cuda(tmp_path):
     proc = subprocess.run([sys.executable, str(RECIPE), *TINY, "device=cuda", f"hydra.run.dir={tmp_path}"],

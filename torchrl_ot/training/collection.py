@@ -16,15 +16,17 @@ merge adds up the workers' moves, which is to first order what the shared tensor
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from torchrl.collectors import Collector
-from torchrl.envs import EnvBase, EnvCreator
+from torchrl.envs import EnvBase
 from torchrl.modules import ProbabilisticActor
 
 from torchrl_ot.training.collection_policy import CollectionPolicy
@@ -69,20 +71,30 @@ def check_collector_config(cfg: DictConfig) -> None:
                          "(or collector.backend=local)")
 
 
-def make_collector(env_fns: Sequence[Callable[[], EnvBase]], actor: TensorDictModuleBase, cfg: DictConfig, *,
-                   frames_per_batch: int, total_frames: int, device: torch.device | None = None) -> Collector:
+def make_collector(env_fns: Sequence[Callable[..., EnvBase]], actor: TensorDictModuleBase, cfg: DictConfig, *,
+                   frames_per_batch: int, total_frames: int, device: torch.device | None = None,
+                   env_kwargs: Mapping[str, Any] | None = None) -> Collector:
     """TorchRL's collector over ``env_fns`` (one per collector: ``cfg.num_collectors`` of them) with ``actor``.
 
     ``collector.backend=local``: one env in this process, or ``num_collectors`` synchronous worker processes
-    (``EnvCreator`` hands them the shared-memory statistics). ``ray``: ``num_collectors`` synchronous Ray actors,
+    (the statistics in shared memory, updated by all of them). ``ray``: ``num_collectors`` synchronous Ray actors,
     each reserving ``collector.ray.num_cpus`` CPUs and no GPU, on the cluster at ``collector.ray.address`` (null:
     the one in ``$RAY_ADDRESS``, else a Ray started on this machine). Its batches are
     ``[num_collectors, num_envs, T]``; pair it with :class:`RayStatistics`. ``device`` (the learner's, when not
-    the CPU): the policy runs there, the envs on the CPU, the batch is stored there. In this process
+    the CPU): the policy runs there, the envs on the CPU, the batch is stored there. ``env_kwargs``: keyword
+    arguments every ``env_fn`` is called with, the running statistics (``obs_stats``, ``return_stats``) the envs
+    update in place (put them in shared memory for worker processes: ``share_memory_()``). Local worker processes
+    get them as the collector's ``create_env_kwargs``, which reach the workers by reference: an ``EnvCreator`` (or
+    the collector's cloudpickle of the function) would hand each worker a copy whose updates the learner never
+    sees, and its probe env would step the learner's statistics with random actions. In this process
     (``num_collectors=1``, local) the actor samples through :class:`~torchrl_ot.training.CollectionPolicy` (the
     same draws) and the batches carry no ``("collector", "traj_ids")``.
     """
     backend = (cfg.get("collector") or {}).get("backend", "local")
+    env_kwargs = dict(env_kwargs or {})
+    local_workers = backend != "ray" and cfg.num_collectors > 1
+    if not local_workers:  # one process or Ray's actors (which hold copies; RayStatistics merges them)
+        env_fns = [functools.partial(fn, **env_kwargs) for fn in env_fns]
     devices = {} if device is None or device.type == "cpu" else {
         "policy_device": device, "env_device": torch.device("cpu"), "storing_device": device}
     common = {"frames_per_batch": frames_per_batch, "total_frames": total_frames, **devices}
@@ -93,9 +105,10 @@ def make_collector(env_fns: Sequence[Callable[[], EnvBase]], actor: TensorDictMo
         remote = {"num_cpus": ray_cfg.get("num_cpus", 1), "num_gpus": 0}
         return Collector(list(env_fns), actor, backend="ray", sync=True,
                          backend_options={"ray_init_config": init, "remote_configs": remote}, **common)
-    if cfg.num_collectors > 1:
-        return Collector([EnvCreator(fn) for fn in env_fns], actor, num_collectors=cfg.num_collectors, sync=True,
-                         auto_register_policy_transforms=False, **common)
+    if local_workers:
+        return Collector(list(env_fns), actor, num_collectors=cfg.num_collectors, sync=True,
+                         create_env_kwargs=[env_kwargs] * len(env_fns), auto_register_policy_transforms=False,
+                         **common)
     # In this process the collector runs the actor's sampling step without its TensorDict plumbing (the same
     # draws: CollectionPolicy) and keeps no trajectory ids, which nothing here reads (GAE reads the done flags).
     policy = CollectionPolicy(actor) if isinstance(actor, ProbabilisticActor) and len(actor.module) == 2 else actor
