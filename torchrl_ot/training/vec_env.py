@@ -128,10 +128,6 @@ class FusedVecEnv(EnvBase):
     def _set_seed(self, seed: int | None) -> None:
         self.vec.reset(seed=seed)  # as GymWrapper: seeding resets the copies (and nothing is normalised)
 
-    def stats_snapshot(self) -> TensorDict | None:
-        """A copy of the observation statistics (``None`` without normalisation)."""
-        return None if self.obs_stats is None else self.obs_stats.clone()
-
     def close(self, *, raise_if_closed: bool = True) -> None:
         self.vec.close()
         super().close(raise_if_closed=raise_if_closed)
