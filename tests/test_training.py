@@ -22,6 +22,7 @@ from torchrl_ot.training import (
     make_env,
     make_networks,
     mlp,
+    normalize_advantage,
     resolve_policy,
 )
 
@@ -107,6 +108,39 @@ def test_ot_hooks_solve_once_before_and_measure_the_move_after():
     algorithm.after_epochs(batch, row)
     assert row["realised_transport_over_epsilon"] == pytest.approx(0, abs=1e-6) and row["step_fraction"] == 1
     torch.testing.assert_close(_actor_vector(algorithm), before)
+
+
+def test_ot_solve_radius_factor_solves_for_the_larger_radius_and_projects_to_epsilon():
+    algorithm, batch = _built("env=Pendulum-v1", "algo=ot_trpo", "algo.epsilon=0.05", "algo.solve_radius_factor=4.0")
+    reference = batch.clone()
+    loss = algorithm.loss_module
+    algorithm.before_epochs(batch, {"frames": 64})
+    assert loss.epsilon == pytest.approx(0.05)  # the update's radius is back for the projection
+    # lam* is the one of the radius 4 x 0.05 (solved here independently of the hook), below the radius' own
+    normalize_advantage(reference)
+    loss.epsilon = 0.2
+    wide = loss.solve_multiplier(reference.clone()).multiplier.item()
+    loss.epsilon = 0.05
+    own = loss.solve_multiplier(reference.clone()).multiplier.item()
+    assert batch["ot_multiplier"].flatten()[0].item() == pytest.approx(wide, rel=1e-6) and wide < own
+    # A long step on the fitted objective, then the projection: the update stays inside epsilon.
+    with torch.no_grad():
+        for p in loss.actor_network.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    row = {"frames": 64}
+    algorithm.after_epochs(batch, row)
+    assert row["realised_transport_over_epsilon"] <= 1 + 1e-9
+
+
+@pytest.mark.parametrize("value", ["0", "-1.0", "inf", "true"])
+def test_ot_solve_radius_factor_refused_with_the_option_named(value):
+    with pytest.raises(ValueError, match="solve_radius_factor"):
+        OTTrustRegion.check_config(_cfg("algo=ot_trpo", f"algo.solve_radius_factor={value}"))
+
+
+def test_ot_solve_radius_factor_needs_the_projection():
+    with pytest.raises(ValueError, match="enforce_radius"):
+        OTTrustRegion.check_config(_cfg("algo=ot_trpo", "algo.solve_radius_factor=4.0", "algo.enforce_radius=false"))
 
 
 def test_ot_scale_schedule_sets_the_next_std_and_epsilon_with_its_square():

@@ -169,6 +169,8 @@ class OTTrustRegion(Algorithm):
     loss without mass splitting): lambda* of the dual (eq. 12) solved once per batch, on the
     batch-normalised advantages, then the epochs on that fixed lambda*; after them the actor is
     projected into the trust region (``algo.enforce_radius``) or its realised transport measured.
+    ``algo.solve_radius_factor`` (not in the paper; 1 by default) solves lambda* for that multiple of epsilon,
+    the projection still holding the update to epsilon (``docs/equations.md``, departures).
 
     The paper's Gaussian case has a FIXED std (step 4 case 2): the hinge objective trains only the
     mean. ``algo.final_scale`` optionally anneals that std linearly in frames (set, never learned),
@@ -196,6 +198,13 @@ class OTTrustRegion(Algorithm):
         update = cfg.algo.get("actor_update", "epochs")
         if update not in ("epochs", "natural"):
             raise ValueError(f"algo.actor_update must be 'epochs' or 'natural', got {update!r}")
+        factor = cfg.algo.get("solve_radius_factor", 1.0)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (0 < factor < math.inf):
+            raise ValueError(f"algo.solve_radius_factor must be a positive finite number (1: lambda* for epsilon "
+                             f"itself), got {factor!r}")
+        if factor != 1.0 and not cfg.algo.enforce_radius:
+            raise ValueError("algo.solve_radius_factor != 1 solves lambda* for a larger radius than the update may "
+                             "take: it needs algo.enforce_radius=true (the projection holding the update to epsilon)")
         if update == "natural" and not cfg.algo.enforce_radius:
             raise ValueError("algo.actor_update=natural steps to the radius and stays inside it: it needs "
                              "algo.enforce_radius=true")
@@ -245,7 +254,16 @@ class OTTrustRegion(Algorithm):
             behaviour_scale = self.log_scale.detach().exp().mean().item()
             loss.epsilon = algo.epsilon * (behaviour_scale / algo.init_scale) ** 2
             row["scale"] = behaviour_scale
-        sol = loss.solve_multiplier(batch)
+        factor = algo.get("solve_radius_factor", 1.0)
+        if factor == 1.0:
+            sol = loss.solve_multiplier(batch)
+        else:  # lam* for a larger radius; the projection after the epochs still holds the update to epsilon
+            radius = loss.epsilon
+            loss.epsilon = radius * factor
+            try:
+                sol = loss.solve_multiplier(batch)
+            finally:
+                loss.epsilon = radius
         # The update's own transport (WPO's no-split plan can exceed epsilon; OT-TRPO's cannot).
         row.update(multiplier=sol.multiplier.item(), epsilon=loss.epsilon,
                    transport_over_epsilon=batch["ot_transport"].double().mean().item() / loss.epsilon)
