@@ -114,3 +114,14 @@ def test_fused_env_refuses_an_autoresetting_vector_env():
     with pytest.raises(ValueError, match="autoreset_mode"):
         FusedVecEnv(vec, obs_stats=None)
     vec.close()
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [({"decay": 0.0}, "decay"), ({"decay": 1.5}, "decay"),
+                                              ({"eps": 0.0}, "eps"), ({"eps": float("nan")}, "eps"),
+                                              ({"clip": -1.0}, "clip"), ({"clip": float("nan")}, "clip")])
+def test_fused_env_refuses_bad_normalisation_settings_by_name(kwargs, name):
+    vec = gym.make_vec("CartPole-v1", num_envs=2, vectorization_mode="sync",
+                       vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.DISABLED})
+    with pytest.raises(ValueError, match=name):
+        FusedVecEnv(vec, obs_stats=new_obs_stats(4), **kwargs)
+    vec.close()
